@@ -1,0 +1,1 @@
+"""PTQ pipeline stages, one file each; importing this package registers them."""

@@ -1,0 +1,1 @@
+"""Model architectures, use cases and training recipes."""
