@@ -1,0 +1,141 @@
+"""QuantConfig: which tensors are quantized, at how many bits, with what granularity.
+
+Defaults for weights and activations, plus per-layer overrides matched by
+layer-name patterns (shell-style, ``fnmatch``). Mixed precision writes
+overrides; every other module only reads the config.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from tinyptq.errors import ConfigError
+from tinyptq.quant import QuantSpec, check_bits
+
+_OVERRIDE_KEYS = {
+    "pattern",
+    "weight_bits",
+    "act_bits",
+    "weight_per_channel",
+    "weight_symmetric",
+    "act_symmetric",
+    "quantize",
+}
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Settings for layers whose name matches ``pattern`` (later overrides win)."""
+
+    pattern: str
+    weight_bits: int | None = None
+    act_bits: int | None = None
+    weight_per_channel: bool | None = None
+    weight_symmetric: bool | None = None
+    act_symmetric: bool | None = None
+    quantize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight_bits is not None:
+            check_bits(self.weight_bits, f"weight_bits of override '{self.pattern}'")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, f"act_bits of override '{self.pattern}'")
+
+    def matches(self, *names: str | None) -> bool:
+        """Whether any of the given names matches the pattern."""
+        return any(n is not None and fnmatch.fnmatchcase(n, self.pattern) for n in names)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit-widths and granularity for the whole model, with per-layer overrides."""
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    weight_per_channel: bool = False
+    weight_symmetric: bool = True
+    act_symmetric: bool = False
+    weight_narrow_range: bool = False
+    keep_first_last_8bit: bool = False
+    overrides: tuple[LayerOverride, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+
+    # ------------------------------------------------------------ resolution
+    def _override(self, *names: str | None) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for ov in self.overrides:
+            if ov.matches(*names):
+                merged.update({k: v for k, v in asdict(ov).items() if v is not None})
+        return merged
+
+    def weight_spec(self, layer: str, first_or_last: bool = False) -> QuantSpec | None:
+        """The spec for a layer's weights, or None when the layer stays in float."""
+        ov = self._override(layer)
+        if not ov.get("quantize", True):
+            return None
+        bits = ov.get("weight_bits", self.weight_bits)
+        if first_or_last and self.keep_first_last_8bit and "weight_bits" not in ov:
+            bits = max(bits, 8)
+        return QuantSpec(
+            bits=bits,
+            symmetric=ov.get("weight_symmetric", self.weight_symmetric),
+            signed=True,
+            per_channel=ov.get("weight_per_channel", self.weight_per_channel),
+            narrow_range=self.weight_narrow_range,
+        )
+
+    def act_spec(
+        self, tensor: str, owner: str | None = None, first_or_last: bool = False
+    ) -> QuantSpec | None:
+        """The spec for an activation tensor (matched by its name or its owner layer)."""
+        ov = self._override(tensor, owner)
+        if not ov.get("quantize", True):
+            return None
+        bits = ov.get("act_bits", self.act_bits)
+        if first_or_last and self.keep_first_last_8bit and "act_bits" not in ov:
+            bits = max(bits, 8)
+        return QuantSpec(bits=bits, symmetric=ov.get("act_symmetric", self.act_symmetric))
+
+    # ---------------------------------------------------------- (de)serialize
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated again)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(changes)
+        return QuantConfig(**data)
+
+    def with_override(self, override: LayerOverride) -> QuantConfig:
+        """A copy with one more override (it takes precedence)."""
+        return self.replace(overrides=(*self.overrides, override))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML / JSON."""
+        d = asdict(self)
+        d["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in d["overrides"]]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
+        """Build from YAML data, naming unknown keys in the error."""
+        data = dict(data or {})
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown quantization option '{unknown[0]}'; valid: {', '.join(sorted(valid))}"
+            )
+        overrides = []
+        for i, ov in enumerate(data.pop("overrides", None) or []):
+            if not isinstance(ov, dict) or "pattern" not in ov:
+                raise ConfigError(f"override #{i + 1} needs a 'pattern' key")
+            bad = sorted(set(ov) - _OVERRIDE_KEYS)
+            if bad:
+                raise ConfigError(
+                    f"unknown override option '{bad[0]}'; valid: {', '.join(sorted(_OVERRIDE_KEYS))}"
+                )
+            overrides.append(LayerOverride(**ov))
+        return cls(**data, overrides=tuple(overrides))

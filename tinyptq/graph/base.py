@@ -1,0 +1,126 @@
+"""The framework-neutral view of a model that every pipeline stage works on.
+
+A ModelGraph (Keras or ONNX) exposes the quantizable layers with their weights,
+their batch-norm followers and fused activations, and the activation tensors a
+deployed integer model would quantize. Stages read and write weights through
+it and ask it for float forward passes; they never touch the model file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tinyptq.quant import Encoding
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """A layer with a weight kernel: Conv2D, DepthwiseConv2D or Dense."""
+
+    name: str
+    kind: str  # "conv" | "depthwise" | "dense"
+    channel_axis: int | None  # output-channel axis of the kernel; None: per-tensor only
+    input_point: str | None  # activation point that quantizes this layer's input
+    output_point: str | None  # activation point after the fused chain (BN, ReLU)
+    bn: str | None  # BatchNormalization directly after the layer
+    activation: str | None  # fused activation after it: "relu", "relu6" or None
+
+
+@dataclass(frozen=True)
+class ActPoint:
+    """An activation tensor quantized in the deployed model (named by its producer)."""
+
+    name: str
+    owner: str | None  # quantizable layer whose fused output this is
+    is_input: bool = False
+    is_output: bool = False
+
+
+class ModelGraph(ABC):
+    """A model as tinyptq's stages see it: layers, weights, activation points."""
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int | None, ...]:
+        """The model input's shape, batch dimension first (None where free)."""
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the model's output tensors."""
+
+    @abstractmethod
+    def quant_layers(self) -> list[QuantLayer]:
+        """The quantizable layers in topological order."""
+
+    @abstractmethod
+    def act_points(self) -> list[ActPoint]:
+        """The activation tensors to quantize, in topological order."""
+
+    @abstractmethod
+    def kernel(self, layer: str) -> np.ndarray:
+        """A copy of the layer's kernel (framework layout)."""
+
+    @abstractmethod
+    def bias(self, layer: str) -> np.ndarray | None:
+        """A copy of the layer's bias, or None when it has none."""
+
+    @abstractmethod
+    def set_kernel(self, layer: str, kernel: np.ndarray) -> None:
+        """Replace the layer's kernel (same shape)."""
+
+    @abstractmethod
+    def set_bias(self, layer: str, bias: np.ndarray) -> None:
+        """Replace (or create) the layer's bias."""
+
+    @abstractmethod
+    def iterate(
+        self, x: np.ndarray, outputs: Sequence[str], batch_size: int = 128
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Float forward pass over ``x`` in batches, yielding the named tensors per batch."""
+
+    @abstractmethod
+    def build_sim(
+        self,
+        weights: dict[str, np.ndarray],
+        act_encodings: dict[str, Encoding],
+    ) -> Any:
+        """A runnable fake-quantized model with ``predict(x, batch_size)``.
+
+        ``weights`` maps layer names to their (already fake-quantized) kernels;
+        ``act_encodings`` maps activation points to their encodings.
+        """
+
+    @abstractmethod
+    def copy(self) -> ModelGraph:
+        """An independent copy (weights included) that stages may modify."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A content hash of structure and weights (for caching)."""
+
+    # ------------------------------------------------------------ conveniences
+    def quant_layer(self, name: str) -> QuantLayer:
+        """The quantizable layer called ``name``."""
+        for layer in self.quant_layers():
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def run(self, x: np.ndarray, outputs: Sequence[str] | None = None, batch_size: int = 128) -> dict[str, np.ndarray]:
+        """Float forward pass, all batches concatenated (small data only)."""
+        outputs = list(outputs or self.output_names)
+        parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        for batch in self.iterate(x, outputs, batch_size):
+            for o in outputs:
+                parts[o].append(batch[o])
+        return {o: np.concatenate(p, axis=0) for o, p in parts.items()}
+
+    def predict(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+        """The float model's first output."""
+        return self.run(x, self.output_names[:1], batch_size)[self.output_names[0]]

@@ -1,0 +1,236 @@
+"""The Keras adapter: a tf_keras functional model as a mutable graph of layer calls.
+
+The model is read once into a list of nodes (class, config, weights, inputs)
+and normalized: fused activations are split into their own Activation node and
+SeparableConv2D becomes DepthwiseConv2D + 1x1 Conv2D, so that every stage sees
+the same few layer kinds. Float and fake-quantized tf_keras models are rebuilt
+from the nodes on demand.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from tinyptq._tf import keras
+from tinyptq.errors import DataError, ModelError
+from tinyptq.graph import keras_build
+from tinyptq.graph.base import ActPoint, ModelGraph, QuantLayer
+from tinyptq.graph.keras_build import KerasSim, Node, build_keras_model, iter_batches
+from tinyptq.graph.keras_topology import analyse, normalize, topo_sort
+from tinyptq.quant import Encoding
+
+
+class KerasGraph(ModelGraph):
+    """A tf_keras functional model as tinyptq's mutable graph."""
+
+    def __init__(self, nodes: list[Node], outputs: list[str], name: str = "model") -> None:
+        self._nodes = {n.name: n for n in topo_sort(nodes)}
+        self._outputs = list(outputs)
+        self.name = name
+        self._version = 0
+        self._analysis: tuple[int, Any] | None = None
+        self._models: dict[tuple, Any] = {}
+
+    # ------------------------------------------------------------- creation
+    @classmethod
+    def from_keras(cls, model: Any) -> KerasGraph:
+        """Read a loaded tf_keras model (functional or sequential)."""
+        if isinstance(model, keras.Sequential):
+            model = _sequential_to_functional(model)
+        if not hasattr(model, "get_config") or not hasattr(model, "layers"):
+            raise ModelError(f"not a Keras model: {type(model).__name__}")
+        try:
+            config = model.get_config()
+        except NotImplementedError:
+            raise ModelError(
+                f"model '{model.name}' is a subclassed Keras model; save it as a functional model"
+            ) from None
+        if len(config.get("input_layers", [])) != 1:
+            raise ModelError(f"model '{model.name}' must have exactly one input")
+        nodes = [_node_from_config(model, entry) for entry in config["layers"]]
+        nodes, outputs = normalize(nodes, [o[0] for o in config["output_layers"]])
+        return cls(nodes, outputs, name=model.name)
+
+    @property
+    def nodes(self) -> list[Node]:
+        """The nodes in topological order (read-only use)."""
+        return list(self._nodes.values())
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise KeyError(f"no layer named '{name}'") from None
+
+    # ------------------------------------------------------------ structure
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        inp = next(n for n in self._nodes.values() if n.class_name == "InputLayer")
+        return tuple(inp.config["batch_input_shape"])
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    def _analyse(self) -> Any:
+        if self._analysis is None or self._analysis[0] != self._version:
+            self._analysis = (self._version, analyse(self.nodes, self._outputs))
+        return self._analysis[1]
+
+    def quant_layers(self) -> list[QuantLayer]:
+        return list(self._analyse().layers)
+
+    def act_points(self) -> list[ActPoint]:
+        return list(self._analyse().points)
+
+    def consumers(self, name: str) -> list[str]:
+        """Names of the nodes that read ``name``'s output."""
+        return [n.name for n in self._nodes.values() if name in n.inputs]
+
+    # -------------------------------------------------------------- weights
+    def kernel(self, layer: str) -> np.ndarray:
+        return self.node(layer).weights[0].copy()
+
+    def bias(self, layer: str) -> np.ndarray | None:
+        node = self.node(layer)
+        return node.weights[1].copy() if node.config.get("use_bias") else None
+
+    def set_kernel(self, layer: str, kernel: np.ndarray) -> None:
+        node = self.node(layer)
+        if kernel.shape != node.weights[0].shape:
+            raise ValueError(f"kernel of '{layer}' has shape {node.weights[0].shape}, not {kernel.shape}")
+        node.weights[0] = np.asarray(kernel, np.float32).copy()
+        self._touch()
+
+    def set_bias(self, layer: str, bias: np.ndarray) -> None:
+        node = self.node(layer)
+        bias = np.asarray(bias, np.float32).copy()
+        if node.config.get("use_bias"):
+            node.weights[1] = bias
+        else:
+            node.config["use_bias"] = True
+            node.weights.insert(1, bias)
+        self._touch()
+
+    def bn_params(self, name: str) -> dict[str, np.ndarray]:
+        """gamma, beta, mean, var and epsilon of a BatchNormalization node."""
+        node = self.node(name)
+        cfg, w = node.config, list(node.weights)
+        n = w[-1].shape[0]
+        gamma = w.pop(0) if cfg.get("scale", True) else np.ones(n, np.float32)
+        beta = w.pop(0) if cfg.get("center", True) else np.zeros(n, np.float32)
+        return {"gamma": gamma, "beta": beta, "mean": w[0], "var": w[1], "epsilon": cfg["epsilon"]}
+
+    def remove_node(self, name: str) -> None:
+        """Drop a single-input node, wiring its consumers to its input."""
+        node = self._nodes.pop(name)
+        (src,) = node.inputs
+        for other in self._nodes.values():
+            other.inputs = [src if i == name else i for i in other.inputs]
+        self._outputs = [src if o == name else o for o in self._outputs]
+        self._touch()
+
+    def _touch(self) -> None:
+        self._version += 1
+        self._models.clear()
+
+    # ------------------------------------------------------------ execution
+    def check_input(self, x: np.ndarray, what: str = "input data") -> None:
+        """Raise DataError when ``x`` does not fit the model input."""
+        expected = self.input_shape[1:]
+        got = tuple(np.shape(x)[1:])
+        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
+            raise DataError(
+                f"{what} has shape {tuple(np.shape(x))}, model '{self.name}' expects (N, {', '.join(map(str, expected))})"
+            )
+
+    def float_model(self, outputs: Sequence[str] | None = None) -> Any:
+        """The float tf_keras model with the given outputs (cached until weights change)."""
+        outputs = tuple(outputs or self._outputs)
+        key = ("float", outputs)
+        if key not in self._models:
+            self._models[key] = build_keras_model(self.nodes, outputs, name=f"{self.name}_float")
+        return self._models[key]
+
+    def iterate(
+        self, x: np.ndarray, outputs: Sequence[str], batch_size: int = 128
+    ) -> Iterator[dict[str, np.ndarray]]:
+        self.check_input(x)
+        outputs = list(outputs)
+        model = self.float_model(outputs)
+        for batch in iter_batches(model, x, batch_size):
+            yield dict(zip(outputs, batch, strict=True))
+
+    def build_sim(self, weights: dict[str, np.ndarray], act_encodings: dict[str, Encoding]) -> KerasSim:
+        full = {}
+        for name, kernel in weights.items():
+            w = list(self.node(name).weights)
+            w[0] = kernel
+            full[name] = w
+        model = build_keras_model(self.nodes, self._outputs, full, act_encodings, name=f"{self.name}_sim")
+        return KerasSim(model)
+
+    def to_keras(self) -> Any:
+        """A fresh float tf_keras model of the graph as it is now."""
+        return build_keras_model(self.nodes, self._outputs, name=self.name)
+
+    def copy(self) -> KerasGraph:
+        clone = KerasGraph.__new__(KerasGraph)
+        clone._nodes = {k: copy.deepcopy(v) for k, v in self._nodes.items()}
+        clone._outputs = list(self._outputs)
+        clone.name = self.name
+        clone._version = 0
+        clone._analysis = None
+        clone._models = {}
+        return clone
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for n in self._nodes.values():
+            h.update(repr((n.name, n.class_name, sorted(n.config.items()), n.inputs)).encode())
+            for w in n.weights:
+                h.update(np.ascontiguousarray(w).tobytes())
+        h.update(repr(self._outputs).encode())
+        return h.hexdigest()
+
+    def weight_count(self) -> int:
+        """Number of parameters in the graph."""
+        return int(sum(w.size for n in self._nodes.values() for w in n.weights))
+
+
+# ----------------------------------------------------------------- helpers
+def _sequential_to_functional(model: Any) -> Any:
+    if not model.built:
+        raise ModelError(f"sequential model '{model.name}' is not built (no input shape)")
+    inp = keras.Input(batch_shape=model.input_shape, name=f"{model.name}_input")
+    x = inp
+    for layer in model.layers:
+        x = layer(x)
+    return keras.Model(inp, x, name=model.name)
+
+
+def _node_from_config(model: Any, entry: dict) -> Node:
+    name = entry.get("name") or entry["config"]["name"]
+    calls = entry.get("inbound_nodes") or []
+    if len(calls) > 1:
+        raise ModelError(f"layer '{name}' is called more than once (shared layers are not supported)")
+    inputs = []
+    for call in calls:
+        if not isinstance(call, list):
+            raise ModelError(f"unsupported layer '{name}' ({entry['class_name']}): unusual call structure")
+        for inbound in call:
+            src, node_index, tensor_index = inbound[0], inbound[1], inbound[2]
+            if node_index != 0 or tensor_index != 0:
+                raise ModelError(f"layer '{name}' reads a multi-output or shared layer '{src}'")
+            inputs.append(src)
+    weights = [np.asarray(w, np.float32) for w in model.get_layer(name).get_weights()]
+    return Node(name, entry["class_name"], copy.deepcopy(entry["config"]), inputs, weights)
+
+
+__all__ = ["KerasGraph", "keras_build"]
