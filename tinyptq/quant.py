@@ -14,7 +14,7 @@ rounding is half to even (``np.rint`` / ``tf.round``), and integers stay below
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,6 @@ class Encoding:
     symmetric: bool = True
     narrow_range: bool = False
     axis: int | None = None
-    _tf_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -220,16 +219,14 @@ class Encoding:
         scale, zp = self.tf_params(_ndim(x))
         return fake_quant_tf(x, scale, zp, self.qmin, self.qmax)
 
-    def tf_params(self, ndim: int) -> tuple[Any, Any]:
-        """Scale and zero point as float32 TF constants broadcastable to rank ``ndim``."""
-        from tinyptq._tf import tf
+    def tf_params(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point as float32 arrays broadcastable to rank ``ndim``.
 
-        key = ndim
-        if key not in self._tf_cache:
-            scale = tf.constant(self._broadcast(self.scale, ndim), tf.float32)
-            zp = tf.constant(self._broadcast(self.zero_point.astype(np.float32), ndim), tf.float32)
-            self._tf_cache[key] = (scale, zp)
-        return self._tf_cache[key]
+        numpy (not TF) values, so that each TF graph embeds its own constants.
+        """
+        scale = self._broadcast(self.scale, ndim)
+        zp = self._broadcast(self.zero_point.astype(np.float32), ndim)
+        return scale, zp
 
     def __repr__(self) -> str:
         kind = f"per-channel(axis={self.axis}, n={self.scale.shape[0]})" if self.per_channel else "per-tensor"

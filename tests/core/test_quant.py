@@ -51,7 +51,6 @@ def test_rounding_is_half_to_even():
 
 def _ort_qdq(x, enc):
     signed = enc.signed
-    qtype = TensorProto.INT8 if signed else TensorProto.UINT8
     np_q = np.int8 if signed else np.uint8
     inits = [
         numpy_helper.from_array(enc.scale.astype(np.float32), "scale"),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tinyptq.errors import DataError
 from tinyptq.quant import Encoding
 
 
@@ -101,10 +102,25 @@ class ModelGraph(ABC):
         """An independent copy (weights included) that stages may modify."""
 
     @abstractmethod
+    def param_count(self) -> int:
+        """Number of parameters (all weights, quantizable or not)."""
+
+    @abstractmethod
     def fingerprint(self) -> str:
         """A content hash of structure and weights (for caching)."""
 
     # ------------------------------------------------------------ conveniences
+    def check_input(self, x: np.ndarray, what: str = "input data") -> None:
+        """Raise DataError when ``x`` does not fit the model input."""
+        expected = self.input_shape[1:]
+        got = tuple(np.shape(x)[1:])
+        fits = len(got) == len(expected) and all(
+            e is None or e == g for e, g in zip(expected, got, strict=True)
+        )
+        if not fits:
+            dims = ", ".join(map(str, expected))
+            raise DataError(f"{what} has shape {tuple(np.shape(x))}; the model expects (N, {dims})")
+
     def quant_layer(self, name: str) -> QuantLayer:
         """The quantizable layer called ``name``."""
         for layer in self.quant_layers():

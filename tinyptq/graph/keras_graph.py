@@ -141,15 +141,6 @@ class KerasGraph(ModelGraph):
         self._models.clear()
 
     # ------------------------------------------------------------ execution
-    def check_input(self, x: np.ndarray, what: str = "input data") -> None:
-        """Raise DataError when ``x`` does not fit the model input."""
-        expected = self.input_shape[1:]
-        got = tuple(np.shape(x)[1:])
-        if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got, strict=True)):
-            raise DataError(
-                f"{what} has shape {tuple(np.shape(x))}, model '{self.name}' expects (N, {', '.join(map(str, expected))})"
-            )
-
     def float_model(self, outputs: Sequence[str] | None = None) -> Any:
         """The float tf_keras model with the given outputs (cached until weights change)."""
         outputs = tuple(outputs or self._outputs)
@@ -199,8 +190,7 @@ class KerasGraph(ModelGraph):
         h.update(repr(self._outputs).encode())
         return h.hexdigest()
 
-    def weight_count(self) -> int:
-        """Number of parameters in the graph."""
+    def param_count(self) -> int:
         return int(sum(w.size for n in self._nodes.values() for w in n.weights))
 
 

@@ -1,0 +1,140 @@
+"""The Python API behind the CLI: evaluate a use case, quantize it with a pipeline."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tinyptq import __version__
+from tinyptq.errors import ConfigError
+from tinyptq.metrics import MetricResult, weight_bytes
+from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.sim import QuantSim
+
+BUILTIN_PIPELINES = Path(__file__).parent / "pipelines"
+
+
+def load_pipeline(pipeline: str | Path | PipelineSpec | dict) -> PipelineSpec:
+    """A pipeline from a spec, a dict, a YAML path or a built-in name (e.g. 'minmax')."""
+    if isinstance(pipeline, PipelineSpec):
+        return pipeline
+    if isinstance(pipeline, dict):
+        return PipelineSpec.from_dict(pipeline)
+    path = Path(pipeline)
+    if not path.exists() and (BUILTIN_PIPELINES / f"{pipeline}.yaml").is_file():
+        path = BUILTIN_PIPELINES / f"{pipeline}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in BUILTIN_PIPELINES.glob("*.yaml")))
+        raise ConfigError(f"pipeline '{pipeline}' is neither a file nor a built-in pipeline ({names})")
+    return PipelineSpec.from_yaml(path)
+
+
+@dataclass
+class QuantizeResult:
+    """The final PTQ state, its simulation and the summary written to summary.json."""
+
+    state: PTQState
+    sim: QuantSim
+    summary: dict[str, Any]
+
+
+def evaluate(use_case: str, data_dir: str | Path | None = None, model: str | Path | None = None) -> MetricResult:
+    """The FP32 metric of a use case's model."""
+    from tinyptq.models.usecases import get_use_case
+
+    uc = get_use_case(use_case, data_dir)
+    graph = uc.load_graph(model)
+    data = uc.eval_set()
+    graph.check_input(data.x, f"{uc.name} evaluation data")
+    scores = graph.predict(data.x)
+    return uc.metric(data, scores, scores)
+
+
+def quantize(
+    use_case: str,
+    pipeline: str | Path | PipelineSpec | dict = "minmax",
+    data_dir: str | Path | None = None,
+    model: str | Path | None = None,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    calib_samples: int | None = None,
+    seed: int | None = None,
+    on_stage=None,
+) -> QuantizeResult:
+    """Run a PTQ pipeline on a use case; return the state, sim and summary."""
+    from tinyptq.models.usecases import get_use_case
+
+    start = time.perf_counter()
+    spec = load_pipeline(pipeline)
+    config = spec.quant_config(weight_bits, act_bits)
+    stages = Pipeline.from_spec(spec)
+    uc = get_use_case(use_case, data_dir)
+    graph = uc.load_graph(model)
+    n = int(calib_samples or spec.calibration.get("samples", uc.calibration_size))
+    calib_seed = int(seed if seed is not None else spec.calibration.get("seed", 0))
+    calib = uc.calibration_data(n, calib_seed)
+    graph.check_input(calib, f"{uc.name} calibration data")
+    data = uc.eval_set()
+    graph.check_input(data.x, f"{uc.name} evaluation data")
+    fp32_scores = graph.predict(data.x)
+    fp32 = uc.metric(data, fp32_scores, fp32_scores)
+    fp32_bytes = graph.param_count() * 4
+
+    state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)
+    state = stages.run(state, on_stage=on_stage)
+    sim = QuantSim(state)
+    quant = uc.metric(data, sim.predict(data.x), fp32_scores)
+    summary = {
+        "tinyptq_version": __version__,
+        "use_case": uc.name,
+        "model": str(model or uc.model_path()),
+        "metric": fp32.name,
+        "eval_samples": fp32.samples,
+        "eval_source": data.source,
+        "fp32": fp32.value,
+        "quantized": quant.value,
+        "delta": quant.value - fp32.value,
+        "bits": {"weights": config.weight_bits, "activations": config.act_bits},
+        "quant_config": config.to_dict(),
+        "calibration": {"samples": len(calib), "seed": calib_seed},
+        "pipeline": {
+            "name": spec.name,
+            "stages": [{s.name: _jsonable(s.get_params())} for s in stages.stages],
+        },
+        "stage_seconds": state.stage_seconds(),
+        "stage_log": [{"stage": r.stage, "seconds": round(r.seconds, 4), "lines": r.lines} for r in state.log],
+        "weight_bytes": weight_bytes(state.graph, state.weight_encodings),
+        "fp32_weight_bytes": fp32_bytes,
+        "seconds_total": round(time.perf_counter() - start, 3),
+    }
+    return QuantizeResult(state, sim, summary)
+
+
+def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    """Write summary.json atomically into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,74 @@
+"""Metrics of use cases and models: accuracy, AUC, agreement, SQNR, rank correlation, size."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """A metric value with its name, unit and the number of samples it was computed on."""
+
+    name: str
+    value: float
+    samples: int
+    unit: str = "%"
+
+    def __str__(self) -> str:
+        if self.unit == "%":
+            return f"{self.name} {self.value:.2f} % on {self.samples} samples"
+        return f"{self.name} {self.value:.4f}{(' ' + self.unit) if self.unit else ''} on {self.samples} samples"
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return asdict(self)
+
+
+def accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Top-1 accuracy in percent of class scores (N, C) against integer labels."""
+    return float(np.mean(np.argmax(scores, axis=-1) == np.asarray(labels)) * 100.0)
+
+
+def top1_agreement(reference: np.ndarray, scores: np.ndarray) -> float:
+    """Percent of samples whose top-1 class equals the reference model's."""
+    return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(scores, axis=-1)) * 100.0)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (scikit-learn), in [0, 1]."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference``, in dB."""
+    reference = np.asarray(reference, np.float64)
+    noise = float(np.sum((reference - np.asarray(test, np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
+
+
+def weight_bytes(graph, weight_encodings: dict) -> int:
+    """Bytes of all weights when quantized kernels take their bit-width.
+
+    Quantized kernels are counted at ``bits`` per value (packed), their biases
+    as int32, and every other parameter (unfolded BN, unquantized layers) as
+    float32.
+    """
+    total_bits = graph.param_count() * 32
+    for name, enc in weight_encodings.items():
+        total_bits -= graph.kernel(name).size * (32 - enc.bits)
+    return int(math.ceil(total_bits / 8))

@@ -1,0 +1,271 @@
+"""The pipeline contract: stages, their registry, the state they pass on, YAML files.
+
+A Stage takes its hyperparameters in the constructor (``get_params`` gives them
+back, as scikit-learn estimators do) and does its work in ``apply(state) ->
+state``. Stages register under a name so a YAML pipeline can say
+``- range_setting: {weights: minmax}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import yaml
+
+from tinyptq.config import QuantConfig
+from tinyptq.errors import ConfigError
+from tinyptq.graph.base import ModelGraph
+from tinyptq.quant import Encoding
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+# --------------------------------------------------------------------- state
+@dataclass
+class StageRecord:
+    """What one stage did: its options, wall time and summary lines."""
+
+    stage: str
+    params: dict[str, Any]
+    seconds: float = 0.0
+    lines: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PTQState:
+    """Everything a stage reads and writes.
+
+    ``fixed_weights`` holds integer kernels chosen by a rounding stage (on the
+    grid of ``weight_encodings``); layers without one use nearest rounding.
+    """
+
+    graph: ModelGraph
+    config: QuantConfig
+    calib: np.ndarray
+    weight_encodings: dict[str, Encoding] = field(default_factory=dict)
+    act_encodings: dict[str, Encoding] = field(default_factory=dict)
+    fixed_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    log: list[StageRecord] = field(default_factory=list)
+    seed: int = 0
+
+    def evolve(self, copy_graph: bool = False, **changes: Any) -> PTQState:
+        """A new state sharing nothing mutable with this one (the graph copied on request)."""
+        fresh = {
+            "weight_encodings": dict(self.weight_encodings),
+            "act_encodings": dict(self.act_encodings),
+            "fixed_weights": dict(self.fixed_weights),
+            "log": list(self.log),
+        }
+        new = dataclasses.replace(self, **{**fresh, **changes})
+        if copy_graph and "graph" not in changes:
+            new.graph = self.graph.copy()
+        return new
+
+    def quantized_kernels(self) -> dict[str, np.ndarray]:
+        """The kernels as the deployed model holds them (float values on their grids)."""
+        kernels = {}
+        for layer in self.graph.quant_layers():
+            enc = self.weight_encodings.get(layer.name)
+            if enc is None:
+                continue
+            fixed = self.fixed_weights.get(layer.name)
+            if fixed is not None:
+                kernels[layer.name] = enc.dequantize(fixed)
+            else:
+                kernels[layer.name] = enc.fake_quant(self.graph.kernel(layer.name))
+        return kernels
+
+    def integer_kernels(self) -> dict[str, np.ndarray]:
+        """The kernels as integers on their grids (what an exporter stores)."""
+        out = {}
+        for name, enc in self.weight_encodings.items():
+            fixed = self.fixed_weights.get(name)
+            out[name] = fixed if fixed is not None else enc.quantize(self.graph.kernel(name))
+        return out
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall time per stage (stages of the same name numbered)."""
+        out: dict[str, float] = {}
+        for rec in self.log:
+            key, n = rec.stage, 2
+            while key in out:
+                key, n = f"{rec.stage}#{n}", n + 1
+            out[key] = round(rec.seconds, 4)
+        return out
+
+
+# --------------------------------------------------------------------- stage
+class Stage:
+    """Base class of pipeline stages: hyperparameters in ``__init__``, work in ``apply``."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's option names."""
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self"]
+
+    def get_params(self) -> dict[str, Any]:
+        """The options this stage was built with."""
+        return {p: getattr(self, p) for p in self.param_names()}
+
+    def apply(self, state: PTQState) -> PTQState:
+        """Return a new state with this stage's work done."""
+        raise NotImplementedError
+
+    def record(self, state: PTQState, lines: Iterable[str] = (), **details: Any) -> StageRecord:
+        """Append this stage's record to the state's log (the runner fills in the time)."""
+        rec = StageRecord(self.name, self.get_params(), lines=list(lines), details=details)
+        state.log.append(rec)
+        return rec
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({opts})"
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available to YAML pipelines under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Stage]]:
+    """All registered stages by name (importing the components registers them)."""
+    import tinyptq.components  # noqa: F401  (registration side effect)
+
+    return dict(_REGISTRY)
+
+
+def create_stage(name: str, options: dict[str, Any] | None = None) -> Stage:
+    """Instantiate a registered stage, naming unknown stages / options in the error."""
+    stages = registry()
+    if name not in stages:
+        raise ConfigError(f"unknown stage '{name}'; valid stages: {', '.join(sorted(stages))}")
+    cls = stages[name]
+    options = dict(options or {})
+    valid = cls.param_names()
+    for key in options:
+        if key not in valid:
+            raise ConfigError(f"unknown option '{key}' for stage '{name}'; valid options: {', '.join(valid)}")
+    return cls(**options)
+
+
+# ------------------------------------------------------------------ pipeline
+_TOP_KEYS = {"name", "description", "quant", "calibration", "stages"}
+_CALIB_KEYS = {"samples", "seed", "batch_size"}
+
+
+@dataclass
+class PipelineSpec:
+    """A pipeline as written in YAML: stages with options, quantization defaults."""
+
+    name: str = "pipeline"
+    stages: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    quant: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineSpec:
+        """Read and validate a pipeline file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"pipeline file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"pipeline file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data, default_name=path.stem)
+
+    @classmethod
+    def from_dict(cls, data: Any, default_name: str = "pipeline") -> PipelineSpec:
+        """Validate plain data (as read from YAML)."""
+        if not isinstance(data, dict):
+            raise ConfigError("a pipeline must be a mapping with a 'stages' list")
+        unknown = sorted(set(data) - _TOP_KEYS)
+        if unknown:
+            raise ConfigError(f"unknown pipeline key '{unknown[0]}'; valid keys: {', '.join(sorted(_TOP_KEYS))}")
+        calibration = dict(data.get("calibration") or {})
+        bad = sorted(set(calibration) - _CALIB_KEYS)
+        if bad:
+            raise ConfigError(f"unknown calibration option '{bad[0]}'; valid: {', '.join(sorted(_CALIB_KEYS))}")
+        spec = cls(
+            name=str(data.get("name") or default_name),
+            stages=[_parse_stage_entry(e, i) for i, e in enumerate(data.get("stages") or [])],
+            quant=dict(data.get("quant") or {}),
+            calibration=calibration,
+            description=str(data.get("description") or ""),
+        )
+        spec.build()  # validates stage names and options now, not halfway through a run
+        spec.quant_config()
+        return spec
+
+    def build(self) -> list[Stage]:
+        """The stage objects, in order."""
+        return [create_stage(name, opts) for name, opts in self.stages]
+
+    def quant_config(self, weight_bits: int | None = None, act_bits: int | None = None) -> QuantConfig:
+        """The QuantConfig of this pipeline, with bit-widths overridden when given."""
+        cfg = QuantConfig.from_dict(self.quant)
+        changes = {k: v for k, v in (("weight_bits", weight_bits), ("act_bits", act_bits)) if v is not None}
+        return cfg.replace(**changes) if changes else cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (YAML / JSON) of the whole pipeline."""
+        return {
+            "name": self.name,
+            "quant": dict(self.quant),
+            "calibration": dict(self.calibration),
+            "stages": [{name: dict(opts)} for name, opts in self.stages],
+        }
+
+
+def _parse_stage_entry(entry: Any, index: int) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, str):
+        return entry, {}
+    if isinstance(entry, dict) and len(entry) == 1:
+        (name, opts), = entry.items()
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"options of stage '{name}' must be a mapping, got {opts!r}")
+        return str(name), dict(opts)
+    raise ConfigError(f"stage #{index + 1} must be a name or a one-key mapping 'name: {{options}}'")
+
+
+class Pipeline:
+    """An ordered list of stages, run one after the other on a PTQState."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = list(stages)
+
+    @classmethod
+    def from_spec(cls, spec: PipelineSpec) -> Pipeline:
+        """The pipeline a spec describes."""
+        return cls(spec.build())
+
+    def run(self, state: PTQState, on_stage: Callable[[Stage], None] | None = None) -> PTQState:
+        """Apply every stage in order, timing each into the state's log."""
+        for stage in self.stages:
+            if on_stage is not None:
+                on_stage(stage)
+            start = time.perf_counter()
+            n_before = len(state.log)
+            state = stage.apply(state)
+            seconds = time.perf_counter() - start
+            if len(state.log) == n_before:
+                stage.record(state)
+            state.log[-1].seconds = seconds
+        return state
