@@ -7,13 +7,11 @@ statistics, so memory does not grow with the calibration set.
 
 from __future__ import annotations
 
-import numpy as np
-
+from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.quant import Encoding
 from tinyptq.ranges import RANGE_METHODS, make_observer
-from tinyptq.errors import ConfigError
 
 
 def first_last_layers(graph: ModelGraph) -> set[str]:

@@ -34,6 +34,24 @@ def load_pipeline(pipeline: str | Path | PipelineSpec | dict) -> PipelineSpec:
     return PipelineSpec.from_yaml(path)
 
 
+def load_calibration(source: str | Path | np.ndarray) -> np.ndarray:
+    """Calibration inputs from an array or a .npy file, checked for NaN/Inf."""
+    from tinyptq.datasets.base import check_finite
+    from tinyptq.errors import DataError
+
+    what = "calibration data"
+    if not isinstance(source, np.ndarray):
+        path = Path(source)
+        what = f"calibration data {path}"
+        try:
+            source = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read {what}: {str(exc).splitlines()[0][:120]}") from None
+    if source.ndim < 2 or len(source) == 0:
+        raise DataError(f"{what} must be a non-empty (N, ...) array, got shape {source.shape}")
+    return check_finite(np.asarray(source, np.float32), what)
+
+
 @dataclass
 class QuantizeResult:
     """The final PTQ state, its simulation and the summary written to summary.json."""
@@ -65,6 +83,7 @@ def quantize(
     calib_samples: int | None = None,
     seed: int | None = None,
     on_stage=None,
+    calib_data: str | Path | np.ndarray | None = None,
 ) -> QuantizeResult:
     """Run a PTQ pipeline on a use case; return the state, sim and summary."""
     from tinyptq.models.usecases import get_use_case
@@ -77,7 +96,10 @@ def quantize(
     graph = uc.load_graph(model)
     n = int(calib_samples or spec.calibration.get("samples", uc.calibration_size))
     calib_seed = int(seed if seed is not None else spec.calibration.get("seed", 0))
-    calib = uc.calibration_data(n, calib_seed)
+    if calib_data is not None:
+        calib = load_calibration(calib_data)[:n] if calib_samples else load_calibration(calib_data)
+    else:
+        calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
     data = uc.eval_set()
     graph.check_input(data.x, f"{uc.name} evaluation data")

@@ -207,7 +207,7 @@ def require(name: str, data_dir: str | os.PathLike | None = None, download: bool
     src = asset.sources[0][0] if asset.sources else "its official source"
     raise DataError(
         f"{asset.what} not found at {path} ({reason}); put it there (from {src}) "
-        f"or point --data-dir / {ENV_VAR} at a directory that has {asset.relpath}/"
+        f"or point --data-dir / {ENV_VAR} at a directory that has {asset.relpath}"
     )
 
 

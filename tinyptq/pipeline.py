@@ -256,11 +256,14 @@ class Pipeline:
         """The pipeline a spec describes."""
         return cls(spec.build())
 
-    def run(self, state: PTQState, on_stage: Callable[[Stage], None] | None = None) -> PTQState:
-        """Apply every stage in order, timing each into the state's log."""
-        for stage in self.stages:
+    def run(self, state: PTQState, on_stage: Callable[[Stage, int, int], None] | None = None) -> PTQState:
+        """Apply every stage in order, timing each into the state's log.
+
+        ``on_stage(stage, index, total)`` is called before each stage (progress).
+        """
+        for index, stage in enumerate(self.stages):
             if on_stage is not None:
-                on_stage(stage)
+                on_stage(stage, index, len(self.stages))
             start = time.perf_counter()
             n_before = len(state.log)
             state = stage.apply(state)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tinyptq._tf import keras
-from tinyptq.errors import DataError, ModelError
+from tinyptq.errors import ModelError
 from tinyptq.graph import keras_build
 from tinyptq.graph.base import ActPoint, ModelGraph, QuantLayer
 from tinyptq.graph.keras_build import KerasSim, Node, build_keras_model, iter_batches

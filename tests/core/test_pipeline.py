@@ -1,0 +1,94 @@
+"""The pipeline contract: registry, YAML validation, stage timing, state isolation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinyptq.api import load_pipeline
+from tinyptq.config import QuantConfig
+from tinyptq.errors import ConfigError
+from tinyptq.graph.keras_graph import KerasGraph
+from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState, Stage, create_stage, register, registry
+
+from .test_graph import tiny_resnet
+
+
+def _state(bits=8):
+    graph = KerasGraph.from_keras(tiny_resnet())
+    calib = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+    return PTQState(graph, QuantConfig(weight_bits=bits, act_bits=bits), calib)
+
+
+def test_registry_and_params():
+    assert "range_setting" in registry()
+    stage = create_stage("range_setting", {"weights": "minmax", "batch_size": 4})
+    assert stage.get_params() == {"weights": "minmax", "activations": "minmax", "batch_size": 4}
+
+
+def test_unknown_stage_and_option_list_valid_names():
+    with pytest.raises(ConfigError, match="unknown stage 'adaroundx'.*range_setting"):
+        create_stage("adaroundx")
+    with pytest.raises(ConfigError, match="unknown option 'bogus'.*weights, activations, batch_size"):
+        create_stage("range_setting", {"bogus": 1})
+    with pytest.raises(ConfigError, match="unknown range method 'bad'.*minmax"):
+        create_stage("range_setting", {"weights": "bad"})
+
+
+def test_yaml_validation(tmp_path):
+    good = tmp_path / "p.yaml"
+    good.write_text("name: t\nquant: {weight_bits: 4}\nstages:\n  - range_setting: {weights: minmax}\n")
+    spec = PipelineSpec.from_yaml(good)
+    assert spec.stages == [("range_setting", {"weights": "minmax"})]
+    assert spec.quant_config().weight_bits == 4
+    assert spec.quant_config(weight_bits=6, act_bits=3).act_bits == 3
+    cases = {
+        "stages: [nope]": "unknown stage 'nope'",
+        "stagez: []": "unknown pipeline key 'stagez'",
+        "quant: {wbits: 4}\nstages: []": "unknown quantization option 'wbits'",
+        "quant: {weight_bits: 1}\nstages: []": "out of range",
+        "stages:\n  - range_setting: 3": "must be a mapping",
+        "calibration: {size: 3}": "unknown calibration option 'size'",
+        "stages: [: bad": "not valid YAML",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            PipelineSpec.from_yaml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        PipelineSpec.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_builtin_pipelines_load():
+    assert load_pipeline("minmax").quant_config().weight_per_channel
+    assert not load_pipeline("minmax_per_tensor").quant_config().weight_per_channel
+    with pytest.raises(ConfigError, match="built-in"):
+        load_pipeline("no_such_pipeline")
+
+
+def test_stage_times_are_logged_and_state_is_not_mutated():
+    @register
+    class Sleepy(Stage):
+        name = "_test_sleepy"
+
+        def __init__(self, seconds: float = 0.01) -> None:
+            self.seconds = seconds
+
+        def apply(self, state):
+            import time
+
+            time.sleep(self.seconds)
+            state = state.evolve()
+            self.record(state, ["slept"])
+            return state
+
+    seen = []
+    state = _state()
+    pipe = Pipeline([create_stage("_test_sleepy"), create_stage("range_setting"), create_stage("_test_sleepy")])
+    out = pipe.run(state, on_stage=lambda s, i, n: seen.append((s.name, i, n)))
+    assert [r.stage for r in out.log] == ["_test_sleepy", "range_setting", "_test_sleepy"]
+    assert out.log[0].seconds >= 0.01 and out.log[0].lines == ["slept"]
+    assert set(out.stage_seconds()) == {"_test_sleepy", "range_setting", "_test_sleepy#2"}
+    assert seen[1] == ("range_setting", 1, 3)
+    assert state.log == [] and state.act_encodings == {}  # the input state is untouched

@@ -1,0 +1,160 @@
+"""The ``tinyptq`` command line: eval, quantize, train.
+
+User errors (tinyptq's own error type and click's usage errors) become one
+line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tinyptq.errors import TinyPTQError
+from tinyptq.quant import check_bits
+
+_data_dir_option = click.option(
+    "--data-dir",
+    envvar="TINYPTQ_DATA_DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data directory (default $TINYPTQ_DATA_DIR, else the user cache).",
+)
+_use_case_option = click.option("--use-case", required=True, help="ic, kws, kws-mlperf, vww or ad.")
+_model_option = click.option(
+    "--model", type=click.Path(path_type=Path), default=None, help="Model file instead of the use case's default."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tinyptq")
+def cli() -> None:
+    """tinyptq: low-bit post-training quantization simulator for tinyML models."""
+
+
+@cli.command("eval")
+@_use_case_option
+@_model_option
+@_data_dir_option
+def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None) -> None:
+    """Print the FP32 metric of a use case's model."""
+    from tinyptq import api
+
+    result = api.evaluate(use_case, data_dir, model)
+    click.echo(f"{use_case}: FP32 {result}")
+
+
+@cli.command()
+@_use_case_option
+@click.option("--pipeline", default="minmax", show_default=True, help="Pipeline YAML file or built-in name.")
+@click.option("--weight-bits", type=int, default=None, help="Weight bit-width (2-16), overrides the pipeline.")
+@click.option("--act-bits", type=int, default=None, help="Activation bit-width (2-16), overrides the pipeline.")
+@click.option("--calib-samples", type=int, default=None, help="Number of calibration samples.")
+@click.option("--seed", type=int, default=None, help="Calibration seed.")
+@click.option(
+    "--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration inputs (.npy, N x input shape)."
+)
+@_model_option
+@_data_dir_option
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+def quantize(
+    use_case: str,
+    pipeline: str,
+    weight_bits: int | None,
+    act_bits: int | None,
+    calib_samples: int | None,
+    seed: int | None,
+    calib_data: Path | None,
+    model: Path | None,
+    data_dir: Path | None,
+    out: Path,
+) -> None:
+    """Run a PTQ pipeline and write OUT/summary.json."""
+    from tqdm import tqdm
+
+    from tinyptq import api
+
+    if weight_bits is not None:
+        check_bits(weight_bits, "--weight-bits")
+    if act_bits is not None:
+        check_bits(act_bits, "--act-bits")
+    bars: list = []
+
+    def on_stage(stage, index: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="pipeline", unit="stage", file=sys.stderr, leave=False))
+        bars[0].set_postfix_str(stage.name)
+        if index:
+            bars[0].update(1)
+
+    try:
+        result = api.quantize(
+            use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, on_stage, calib_data
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    path = api.write_summary(out, result.summary)
+    s = result.summary
+    click.echo(
+        f"{use_case} W{s['bits']['weights']}A{s['bits']['activations']} [{s['pipeline']['name']}]: "
+        f"{s['metric']} FP32 {s['fp32']:.2f} -> quantized {s['quantized']:.2f} "
+        f"({s['delta']:+.2f}); weights {s['weight_bytes']} B (FP32 {s['fp32_weight_bytes']} B)"
+    )
+    for rec in s["stage_log"]:
+        click.echo(f"  {rec['stage']} ({rec['seconds']:.2f} s): " + "; ".join(rec["lines"]))
+    click.echo(f"summary: {path}")
+
+
+@cli.command()
+@_use_case_option
+@_data_dir_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--force", is_flag=True, help="Retrain even if a trained model is cached.")
+def train(use_case: str, data_dir: Path | None, seed: int, epochs: int, force: bool) -> None:
+    """Train the use case's model (kws: DS-CNN on FSDD) into the cache."""
+    from tinyptq.errors import ConfigError
+
+    if use_case != "kws":
+        raise ConfigError(f"no training recipe for use case '{use_case}'; trainable: kws")
+    from tinyptq.models import training
+
+    if force:
+        path = training.train_kws_fsdd(data_dir, seed=seed, epochs=epochs)
+    else:
+        path = training.kws_fsdd_model(data_dir, seed=seed, epochs=epochs)
+    click.echo(f"kws: trained model at {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning user errors into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="tinyptq", standalone_mode=False)
+    except TinyPTQError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.UsageError as exc:
+        hint = f" (in {exc.ctx.command_path})" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    return 0
+
+
+def console_main() -> None:
+    """Console-script wrapper: exit with main()'s code."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
