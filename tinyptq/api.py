@@ -97,7 +97,8 @@ def quantize(
     n = int(calib_samples or spec.calibration.get("samples", uc.calibration_size))
     calib_seed = int(seed if seed is not None else spec.calibration.get("seed", 0))
     if calib_data is not None:
-        calib = load_calibration(calib_data)[:n] if calib_samples else load_calibration(calib_data)
+        calib = load_calibration(calib_data)
+        calib = calib[:calib_samples] if calib_samples else calib
     else:
         calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
