@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tinyptq.models.architectures import dscnn
 #: Bump when the waveform / feature recipe changes so old caches are not reused.
 RECIPE_VERSION = "fsdd-kws-v1"
 #: Bump when the training recipe changes (recorded in the JSON sidecar).
-TRAIN_RECIPE_VERSION = "kws-dscnn-fsdd-train-v1"
+TRAIN_RECIPE_VERSION = "kws-dscnn-fsdd-train-v2"
 
 NUM_CLASSES = 10
 SPLITS = ("train", "test")
@@ -107,7 +108,9 @@ def _read_split(paths: list[Path], labels: np.ndarray, desc: str, progress: bool
 
 
 def fsdd_waveforms(
-    data_dir: str | os.PathLike | None, split: str = "official", seed: int = 0,
+    data_dir: str | os.PathLike | None,
+    split: str = "official",
+    seed: int = 0,
     progress: bool = False,
 ) -> Splits:
     """FSDD {"train", "test"} as ((N, 16000) float32 1 s 16 kHz clips, int64 labels), cached."""
@@ -119,15 +122,16 @@ def fsdd_waveforms(
         return cached
     files = load_fsdd(recordings, split=split, seed=seed)
     out = {
-        s: _read_split(files[s].paths, files[s].labels, f"FSDD {s} wavs", progress)
-        for s in SPLITS
+        s: _read_split(files[s].paths, files[s].labels, f"FSDD {s} wavs", progress) for s in SPLITS
     }
     _save_npz(path, out)
     return out
 
 
 def fsdd_mfcc(
-    data_dir: str | os.PathLike | None, split: str = "official", seed: int = 0,
+    data_dir: str | os.PathLike | None,
+    split: str = "official",
+    seed: int = 0,
     progress: bool = False,
 ) -> Splits:
     """FSDD {"train", "test"} as ((N, 49, 10, 1) float32 KWS MFCCs, int64 labels), cached."""
@@ -193,9 +197,16 @@ def default_model_path(seed: int = 0) -> Path:
 
 @contextlib.contextmanager
 def _deterministic_ops() -> Iterator[None]:
-    """Enable TF op determinism for the block, restoring the previous setting after it."""
+    """On a GPU, enable TF op determinism for the block and restore the setting after it.
+
+    On CPU, seeded training is already bit-reproducible, and op determinism only slows
+    ``tf.data`` down and makes TF log spurious ``NodeDef`` errors, so it is left off.
+    """
     from tensorflow.python.framework import config as tf_config
 
+    if not tf.config.list_physical_devices("GPU"):
+        yield
+        return
     was_enabled = bool(getattr(tf_config, "is_op_determinism_enabled", lambda: False)())
     tf.config.experimental.enable_op_determinism()
     try:
@@ -217,21 +228,36 @@ def _compile_model(steps_total: int) -> keras.Model:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    model.optimizer.build(model.trainable_variables)  # so fit traces its step only once
     return model
 
 
 def _fit(
-    model: keras.Model, feats: np.ndarray, y: np.ndarray, rng: np.random.Generator,
-    epochs: int, batch_size: int, progress: bool,
+    model: keras.Model,
+    feats: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    epochs: int,
+    batch_size: int,
+    progress: bool,
 ) -> None:
     """Train one epoch at a time; each clip's features come from a random augmented copy."""
     n = y.shape[0]
-    for epoch in range(epochs):
+    bar = tqdm(range(epochs), desc="training DS-CNN", unit="epoch", disable=not progress)
+    for epoch in bar:
         order = rng.permutation(n)
         copy = rng.integers(feats.shape[0], size=n)
-        model.fit(
-            feats[copy, order], y[order], batch_size=batch_size, epochs=epoch + 1,
-            initial_epoch=epoch, shuffle=False, verbose=2 if progress else 0,
+        hist = model.fit(
+            feats[copy, order],
+            y[order],
+            batch_size=batch_size,
+            epochs=epoch + 1,
+            initial_epoch=epoch,
+            shuffle=False,
+            verbose=0,
+        )
+        bar.set_postfix(
+            loss=f"{hist.history['loss'][-1]:.4f}", acc=f"{hist.history['accuracy'][-1]:.4f}"
         )
 
 
@@ -239,13 +265,19 @@ def _save_model(model: keras.Model, path: Path) -> None:
     """Save ``model`` as HDF5 at ``path`` atomically (temp file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.h5")
-    model.save(tmp, include_optimizer=False, save_format="h5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "HDF5 is a legacy format"
+        model.save(tmp, include_optimizer=False, save_format="h5")
     os.replace(tmp, path)
 
 
 def train_kws_fsdd(
-    data_dir: str | os.PathLike | None, seed: int = 0, epochs: int = 30, batch_size: int = 64,
-    out_path: str | os.PathLike | None = None, progress: bool = True,
+    data_dir: str | os.PathLike | None,
+    seed: int = 0,
+    epochs: int = 30,
+    batch_size: int = 64,
+    out_path: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> Path:
     """Train the 10-class DS-CNN on the FSDD official training split; returns the .h5 path."""
     if epochs < 1 or batch_size < 1:
@@ -267,10 +299,15 @@ def train_kws_fsdd(
         _, test_acc = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     _save_model(model, out)
     info = {
-        "test_accuracy": float(test_acc), "epochs": int(epochs), "seed": int(seed),
-        "batch_size": int(batch_size), "train_files": int(y_train.shape[0]),
-        "test_files": int(y_test.shape[0]), "feature_seconds": round(feature_seconds, 2),
-        "seconds": round(time.perf_counter() - start, 2), "recipe": TRAIN_RECIPE_VERSION,
+        "test_accuracy": float(test_acc),
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "train_files": int(y_train.shape[0]),
+        "test_files": int(y_test.shape[0]),
+        "feature_seconds": round(feature_seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+        "recipe": TRAIN_RECIPE_VERSION,
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     if progress:
@@ -278,11 +315,23 @@ def train_kws_fsdd(
     return out
 
 
+def _is_current(path: Path, epochs: int) -> bool:
+    """True when ``path`` exists and its sidecar says this recipe trained it for ``epochs``."""
+    sidecar = path.with_suffix(".json")
+    if not (path.is_file() and sidecar.is_file()):
+        return False
+    try:
+        info = json.loads(sidecar.read_text())
+        return info.get("recipe") == TRAIN_RECIPE_VERSION and info.get("epochs") == epochs
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def kws_fsdd_model(
-    data_dir: str | os.PathLike | None, seed: int = 0, progress: bool = True
+    data_dir: str | os.PathLike | None, seed: int = 0, progress: bool = True, epochs: int = 30
 ) -> Path:
     """The cached trained FSDD DS-CNN for ``seed``, training it first when it is missing."""
     path = default_model_path(seed)
-    if path.is_file():
+    if _is_current(path, epochs):
         return path
-    return train_kws_fsdd(data_dir, seed=seed, progress=progress)
+    return train_kws_fsdd(data_dir, seed=seed, epochs=epochs, progress=progress)

@@ -45,6 +45,9 @@ class PTQState:
 
     ``fixed_weights`` holds integer kernels chosen by a rounding stage (on the
     grid of ``weight_encodings``); layers without one use nearest rounding.
+    ``bn_stats`` keeps, per layer, the batch-norm parameters folded into it
+    (gamma, beta, mean, var, epsilon): the output distribution that data-free
+    stages (analytical bias correction) rely on after folding.
     """
 
     graph: ModelGraph
@@ -53,6 +56,7 @@ class PTQState:
     weight_encodings: dict[str, Encoding] = field(default_factory=dict)
     act_encodings: dict[str, Encoding] = field(default_factory=dict)
     fixed_weights: dict[str, np.ndarray] = field(default_factory=dict)
+    bn_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: list[StageRecord] = field(default_factory=list)
     seed: int = 0
 
@@ -62,6 +66,7 @@ class PTQState:
             "weight_encodings": dict(self.weight_encodings),
             "act_encodings": dict(self.act_encodings),
             "fixed_weights": dict(self.fixed_weights),
+            "bn_stats": dict(self.bn_stats),
             "log": list(self.log),
         }
         new = dataclasses.replace(self, **{**fresh, **changes})

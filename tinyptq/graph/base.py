@@ -64,6 +64,18 @@ class ModelGraph(ABC):
         """The activation tensors to quantize, in topological order."""
 
     @abstractmethod
+    def consumers(self, name: str) -> list[str]:
+        """Names of the nodes that read the output of node ``name``."""
+
+    @abstractmethod
+    def bn_params(self, name: str) -> dict[str, np.ndarray]:
+        """gamma, beta, mean, var (arrays) and epsilon (float) of a batch-norm node."""
+
+    @abstractmethod
+    def remove_node(self, name: str) -> None:
+        """Drop a single-input node (e.g. a folded batch norm), wiring its consumers to its input."""
+
+    @abstractmethod
     def kernel(self, layer: str) -> np.ndarray:
         """A copy of the layer's kernel (framework layout)."""
 
@@ -90,11 +102,14 @@ class ModelGraph(ABC):
         self,
         weights: dict[str, np.ndarray],
         act_encodings: dict[str, Encoding],
+        outputs: Sequence[str] | None = None,
     ) -> Any:
-        """A runnable fake-quantized model with ``predict(x, batch_size)``.
+        """A runnable fake-quantized model with ``predict(x, batch_size)`` and ``run``.
 
         ``weights`` maps layer names to their (already fake-quantized) kernels;
-        ``act_encodings`` maps activation points to their encodings.
+        ``act_encodings`` maps activation points to their encodings;
+        ``outputs`` names the tensors it returns (default: the model outputs),
+        so that stages can compare quantized and float intermediate tensors.
         """
 
     @abstractmethod

@@ -87,15 +87,19 @@ def build_keras_model(
 
 
 class KerasSim:
-    """A fake-quantized tf_keras model: ``predict`` runs it in batches."""
+    """A fake-quantized tf_keras model: ``predict`` / ``run`` evaluate it in batches."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, output_names: Sequence[str]) -> None:
         self.model = model
+        self.output_names = list(output_names)
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """The simulated model's first output for ``x``."""
-        out = predict_batches(self.model, x, batch_size)
-        return out[0]
+        return predict_batches(self.model, x, batch_size)[0]
+
+    def run(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """All requested outputs by name."""
+        return dict(zip(self.output_names, predict_batches(self.model, x, batch_size), strict=True))
 
 
 def predict_batches(model: Any, x: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -158,14 +158,20 @@ class KerasGraph(ModelGraph):
         for batch in iter_batches(model, x, batch_size):
             yield dict(zip(outputs, batch, strict=True))
 
-    def build_sim(self, weights: dict[str, np.ndarray], act_encodings: dict[str, Encoding]) -> KerasSim:
+    def build_sim(
+        self,
+        weights: dict[str, np.ndarray],
+        act_encodings: dict[str, Encoding],
+        outputs: Sequence[str] | None = None,
+    ) -> KerasSim:
         full = {}
         for name, kernel in weights.items():
             w = list(self.node(name).weights)
             w[0] = kernel
             full[name] = w
-        model = build_keras_model(self.nodes, self._outputs, full, act_encodings, name=f"{self.name}_sim")
-        return KerasSim(model)
+        names = list(outputs or self._outputs)
+        model = build_keras_model(self.nodes, names, full, act_encodings, name=f"{self.name}_sim")
+        return KerasSim(model, names)
 
     def to_keras(self) -> Any:
         """A fresh float tf_keras model of the graph as it is now."""
