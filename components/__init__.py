@@ -1,3 +1,8 @@
 """PTQ pipeline stages, one file each; importing this package registers them."""
 
-from tinyptq.components import range_setting  # noqa: F401
+from tinyptq.components import (
+    bias_correction,  # noqa: F401
+    bn_folding,  # noqa: F401
+    cle,  # noqa: F401
+    range_setting,  # noqa: F401
+)

@@ -2,16 +2,31 @@
 
 Weights are observed directly (per channel when the config asks for it);
 activations are observed over the calibration batches with streaming
-statistics, so memory does not grow with the calibration set.
+statistics, so memory does not grow with the calibration set. Weights and
+activations choose their method separately (``minmax``, ``percentile``,
+``mse``, ``kl``); the method options below apply to whichever uses them.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
 
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.quant import Encoding
-from tinyptq.ranges import RANGE_METHODS, make_observer
+from tinyptq.ranges import RANGE_METHODS, RangeObserver, check_number, make_observer
+
+# stage option -> observer option, passed to the methods that take it
+_OBSERVER_OPTIONS = {
+    "percentile": "percentile",
+    "mse_p": "p",
+    "num_candidates": "num_candidates",
+    "num_bins": "num_bins",
+    "num_quant_bins": "num_quant_bins",
+}
 
 
 def first_last_layers(graph: ModelGraph) -> set[str]:
@@ -20,13 +35,31 @@ def first_last_layers(graph: ModelGraph) -> set[str]:
     return {layers[0].name, layers[-1].name} if layers else set()
 
 
+def range_ratio(lo: Any, hi: Any, mn: Any, mx: Any) -> float:
+    """Width of the chosen range over the min-max width (both widened to 0), mean over channels."""
+    width = np.maximum(hi, 0) - np.minimum(lo, 0)
+    full = np.maximum(mx, 0) - np.minimum(mn, 0)
+    ratio = np.where(full > 0, width / np.where(full > 0, full, 1), 1.0)
+    return float(np.mean(ratio))
+
+
 @register
 class RangeSetting(Stage):
     """Set weight and activation encodings from observed ranges."""
 
     name = "range_setting"
 
-    def __init__(self, weights: str = "minmax", activations: str = "minmax", batch_size: int = 128) -> None:
+    def __init__(
+        self,
+        weights: str = "minmax",
+        activations: str = "minmax",
+        batch_size: int = 128,
+        percentile: float = 99.99,
+        mse_p: float = 2.0,
+        num_candidates: int = 100,
+        num_bins: int = 2048,
+        num_quant_bins: int | None = None,
+    ) -> None:
         for what, method in (("weights", weights), ("activations", activations)):
             if method not in RANGE_METHODS:
                 raise ConfigError(
@@ -34,20 +67,39 @@ class RangeSetting(Stage):
                 )
         self.weights = weights
         self.activations = activations
-        self.batch_size = int(batch_size)
+        self.batch_size = check_number(batch_size, "batch_size", 1, 2**20, integer=True)
+        self.percentile = check_number(percentile, "percentile", 50.0, 100.0, lo_open=True)
+        self.mse_p = check_number(mse_p, "mse_p", 0.0, 100.0, lo_open=True)
+        self.num_candidates = check_number(num_candidates, "num_candidates", 1, 100_000, integer=True)
+        self.num_bins = check_number(num_bins, "num_bins", 16, 2**20, integer=True)
+        if num_quant_bins is not None:
+            num_quant_bins = check_number(num_quant_bins, "num_quant_bins", 2, self.num_bins, integer=True)
+        self.num_quant_bins = num_quant_bins
+
+    def _observer(self, method: str, axis: int | None = None) -> RangeObserver:
+        """An observer for ``method`` with the options of this stage it takes."""
+        accepted = RANGE_METHODS[method].option_names()
+        opts = {obs: getattr(self, own) for own, obs in _OBSERVER_OPTIONS.items() if obs in accepted}
+        return make_observer(method, axis=axis, **opts)
+
+    def _describe(self, method: str) -> str:
+        """'mse (p=2.0, num_candidates=100, num_bins=2048)': the method and its options."""
+        accepted = RANGE_METHODS[method].option_names()
+        opts = [f"{obs}={getattr(self, own)}" for own, obs in _OBSERVER_OPTIONS.items() if obs in accepted]
+        return f"{method} ({', '.join(opts)})" if opts else method
 
     def apply(self, state: PTQState) -> PTQState:
         """Encodings for every quantized weight and activation tensor."""
         state = state.evolve()
-        lines = self._set_weight_encodings(state)
-        lines += self._set_act_encodings(state)
-        self.record(state, lines)
+        w_lines, w_ratios = self._set_weight_encodings(state)
+        a_lines, a_ratios = self._set_act_encodings(state)
+        self.record(state, w_lines + a_lines, weight_range_ratio=w_ratios, act_range_ratio=a_ratios)
         return state
 
-    def _set_weight_encodings(self, state: PTQState) -> list[str]:
+    def _set_weight_encodings(self, state: PTQState) -> tuple[list[str], dict[str, float]]:
         graph, cfg = state.graph, state.config
         edge = first_last_layers(graph)
-        fallback = []
+        fallback, ratios = [], {}
         for layer in graph.quant_layers():
             spec = cfg.weight_spec(layer.name, layer.name in edge)
             if spec is None:
@@ -56,17 +108,21 @@ class RangeSetting(Stage):
             axis = layer.channel_axis if spec.per_channel else None
             if spec.per_channel and axis is None:
                 fallback.append(layer.name)
-            obs = make_observer(self.weights, axis=axis)
+            obs = self._observer(self.weights, axis=axis)
             obs.update(graph.kernel(layer.name))
             lo, hi = obs.range(spec)
+            ratios[layer.name] = range_ratio(lo, hi, *obs.minmax())
             state.weight_encodings[layer.name] = Encoding.from_range(lo, hi, spec, axis=axis)
             state.fixed_weights.pop(layer.name, None)  # a new grid voids earlier rounding
-        lines = [f"weights: {len(state.weight_encodings)} layers, method {self.weights}"]
+        lines = [
+            f"weights: {len(ratios)} layers, method {self._describe(self.weights)}; "
+            f"{_ratio_text(ratios)}"
+        ]
         if fallback:
             lines.append(f"per-tensor fallback (no single channel axis): {', '.join(fallback)}")
-        return lines
+        return lines, ratios
 
-    def _set_act_encodings(self, state: PTQState) -> list[str]:
+    def _set_act_encodings(self, state: PTQState) -> tuple[list[str], dict[str, float]]:
         graph, cfg = state.graph, state.config
         edge = first_last_layers(graph)
         specs = {}
@@ -76,15 +132,27 @@ class RangeSetting(Stage):
                 state.act_encodings.pop(p.name, None)
             else:
                 specs[p.name] = spec
-        observers = {name: make_observer(self.activations) for name in specs}
+        observers = {name: self._observer(self.activations) for name in specs}
         for batch in graph.iterate(state.calib, list(specs), self.batch_size):
             for name, obs in observers.items():
                 obs.update(batch[name])
+        ratios = {}
         for name, obs in observers.items():
             lo, hi = obs.range(specs[name])
+            ratios[name] = range_ratio(lo, hi, *obs.minmax())
             state.act_encodings[name] = Encoding.from_range(lo, hi, specs[name])
         widths = sorted({s.bits for s in specs.values()})
-        return [
-            f"activations: {len(specs)} tensors, method {self.activations}, "
-            f"{len(state.calib)} calibration samples, bits {widths}"
+        lines = [
+            f"activations: {len(specs)} tensors, method {self._describe(self.activations)}, "
+            f"{len(state.calib)} calibration samples, bits {widths}; {_ratio_text(ratios)}"
         ]
+        return lines, ratios
+
+
+def _ratio_text(ratios: dict[str, float]) -> str:
+    """'range 0.82x min-max on average (smallest 0.41x at c1)'."""
+    if not ratios:
+        return "no tensors"
+    smallest = min(ratios, key=ratios.get)
+    mean = float(np.mean(list(ratios.values())))
+    return f"range {mean:.2f}x min-max on average (smallest {ratios[smallest]:.2f}x at {smallest})"

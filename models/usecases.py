@@ -19,7 +19,7 @@ from tinyptq.datasets.base import check_finite
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph
 from tinyptq.graph.loading import load_graph
-from tinyptq.metrics import MetricResult, accuracy, top1_agreement
+from tinyptq.metrics import MetricResult, accuracy, sqnr_db, top1_agreement
 
 _USE_CASES: dict[str, type[UseCase]] = {}
 # modules of tinyptq.models that register further use cases when imported
@@ -67,7 +67,12 @@ class UseCase(ABC):
         """Accuracy with labels, else top-1 agreement with the FP32 ``reference`` scores."""
         if data.y is not None:
             return MetricResult("accuracy", accuracy(data.y, scores), len(data.x))
-        return MetricResult("top-1 agreement with FP32", top1_agreement(reference, scores), len(data.x))
+        # agreement alone says little when FP32 is confident on out-of-domain data:
+        # the output SQNR shows how far the scores moved
+        extras = {} if scores is reference else {"output SQNR vs FP32 (dB)": sqnr_db(reference, scores)}
+        return MetricResult(
+            "top-1 agreement with FP32", top1_agreement(reference, scores), len(data.x), extras=extras
+        )
 
 
 def register_use_case(cls: type[UseCase]) -> type[UseCase]:
@@ -103,12 +108,17 @@ def get_use_case(name: str, data_dir: str | Path | None = None) -> UseCase:
     return cls(data_dir)
 
 
-def seeded_sample(x: np.ndarray, n: int, seed: int, what: str) -> np.ndarray:
-    """``n`` rows of ``x`` drawn without replacement with ``seed``; checked finite."""
+def seeded_index(total: int, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``min(n, total)`` items drawn without replacement with ``seed``."""
     if n <= 0:
         raise ConfigError(f"calibration samples must be positive, got {n}")
     rng = np.random.default_rng(seed)
-    index = np.sort(rng.choice(len(x), size=min(n, len(x)), replace=False))
+    return np.sort(rng.choice(total, size=min(n, total), replace=False))
+
+
+def seeded_sample(x: np.ndarray, n: int, seed: int, what: str) -> np.ndarray:
+    """``n`` rows of ``x`` drawn without replacement with ``seed``; checked finite."""
+    index = seeded_index(len(x), n, seed)
     return check_finite(np.asarray(x[index], np.float32), what)
 
 

@@ -42,7 +42,7 @@ def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None) -> None:
     from tinyptq import api
 
     result = api.evaluate(use_case, data_dir, model)
-    click.echo(f"{use_case}: FP32 {result}")
+    click.echo(f"{use_case} (FP32 model): {result}")
 
 
 @cli.command()
@@ -92,16 +92,25 @@ def quantize(
         result = api.quantize(
             use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, on_stage, calib_data
         )
+        if bars:
+            bars[0].update(bars[0].total - bars[0].n)
     finally:
         for bar in bars:
             bar.close()
     path = api.write_summary(out, result.summary)
     s = result.summary
-    click.echo(
-        f"{use_case} W{s['bits']['weights']}A{s['bits']['activations']} [{s['pipeline']['name']}]: "
-        f"{s['metric']} FP32 {s['fp32']:.2f} -> quantized {s['quantized']:.2f} "
-        f"({s['delta']:+.2f}); weights {s['weight_bytes']} B (FP32 {s['fp32_weight_bytes']} B)"
-    )
+    head = f"{use_case} W{s['bits']['weights']}A{s['bits']['activations']} [{s['pipeline']['name']}]: "
+    if s["delta"] is not None:
+        result_text = (
+            f"{s['metric']}: FP32 {s['fp32']:.2f} -> quantized {s['quantized']:.2f} ({s['delta']:+.2f})"
+        )
+    else:
+        result_text = (
+            f"{s['fp32_metric']} {s['fp32']:.4g} {s['fp32_unit']}; "
+            f"{s['metric']} {s['quantized']:.4g} {s['metric_unit']}"
+        )
+    extras = "".join(f"; {k} {v:.4f}" for k, v in s["metric_extras"].items())
+    click.echo(f"{head}{result_text}{extras}; weights {s['weight_bytes']} B (FP32 {s['fp32_weight_bytes']} B)")
     for rec in s["stage_log"]:
         click.echo(f"  {rec['stage']} ({rec['seconds']:.2f} s): " + "; ".join(rec["lines"]))
     click.echo(f"summary: {path}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -16,11 +16,15 @@ class MetricResult:
     value: float
     samples: int
     unit: str = "%"
+    extras: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         if self.unit == "%":
-            return f"{self.name} {self.value:.2f} % on {self.samples} samples"
-        return f"{self.name} {self.value:.4f}{(' ' + self.unit) if self.unit else ''} on {self.samples} samples"
+            text = f"{self.name} {self.value:.2f} % on {self.samples} samples"
+        else:
+            text = f"{self.name} {self.value:.4f}{(' ' + self.unit) if self.unit else ''} on {self.samples} samples"
+        extra = ", ".join(f"{k} {v:.4f}" for k, v in self.extras.items())
+        return f"{text} ({extra})" if extra else text
 
     def to_dict(self) -> dict:
         """Plain data for JSON."""

@@ -1,0 +1,228 @@
+"""bias_correction: remove the mean output error that weight quantization adds to each layer.
+
+Rounding the kernel W to W_q shifts the expected output of every channel by
+E[y_q - y]; subtracting that shift from the (float) bias removes it.
+
+- ``empirical``: the shift is measured on the calibration data, layer by layer
+  in topological order, so that each correction sees the already-corrected
+  upstream network (quantized weights and activations) against the float one.
+- ``analytical`` (data-free, Nagel et al. 2019, "Data-Free Quantization"):
+  the shift is (W_q - W) E[x], with E[x] derived from the batch-norm statistics
+  of the layer feeding the input: its pre-activation output is taken as
+  N(beta, gamma^2) and passed through its ReLU / ReLU6 in closed form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.stats import norm
+
+from tinyptq.errors import ConfigError
+from tinyptq.graph.base import ModelGraph, QuantLayer
+from tinyptq.pipeline import PTQState, Stage, register
+from tinyptq.sim import QuantSim
+
+METHODS = ("empirical", "analytical")
+
+# Layers between a batch norm's activation and the next layer that keep the
+# per-channel mean (zero padding only at the borders, ignored as for 'same'
+# padding; Flatten / Reshape keep channel-last order, so the mean is tiled).
+_MEAN_PRESERVING = {
+    "Dropout",
+    "SpatialDropout2D",
+    "Flatten",
+    "Reshape",
+    "AveragePooling2D",
+    "GlobalAveragePooling2D",
+    "ZeroPadding2D",
+}
+_COMPUTE = {"Conv2D", "DepthwiseConv2D", "Dense"}
+
+
+# ------------------------------------------------------------ closed forms
+def relu_mean(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """E[max(0, z)] for z ~ N(mu, sigma^2), elementwise."""
+    mu = np.asarray(mu, np.float64)
+    sigma = np.maximum(np.abs(np.asarray(sigma, np.float64)), 1e-12)
+    a = mu / sigma
+    return sigma * norm.pdf(a) + mu * norm.cdf(a)
+
+
+def activation_mean(mu: np.ndarray, sigma: np.ndarray, activation: str | None) -> np.ndarray:
+    """E[act(z)] for z ~ N(mu, sigma^2) and act in {None, 'relu', 'relu6'}."""
+    if activation is None:
+        return np.asarray(mu, np.float64)
+    mean = relu_mean(mu, sigma)
+    if activation == "relu6":
+        # clip(z, 0, 6) = max(z, 0) - max(z - 6, 0)
+        mean = mean - relu_mean(np.asarray(mu) - 6.0, sigma)
+    return mean
+
+
+def weight_error_shift(kind: str, delta_w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """(W_q - W) E[x] per output channel, for Keras kernel layouts."""
+    if kind == "dense":  # (in, out)
+        return mean_x @ delta_w
+    summed = delta_w.sum(axis=(0, 1))  # spatial taps see the same E[x_c]
+    if kind == "depthwise":  # (in, mult): output channel c * mult + m
+        return (summed * mean_x[:, None]).reshape(-1)
+    return mean_x @ summed  # conv: (in, out)
+
+
+def channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sum over all but the (last, channel) axis, and the number of values summed per channel."""
+    flat = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+    return flat.sum(axis=0), flat.shape[0]
+
+
+# -------------------------------------------------------- analytical E[x]
+def _bn_source(graph: Any, state: PTQState, src: str) -> tuple[dict | None, str | None, str]:
+    """Walk back from a layer input to its batch norm: (stats, activation, reason when none)."""
+    from tinyptq.graph.keras_topology import relu_kind
+
+    act, seen_act = None, False
+    while True:
+        node = graph.node(src)
+        kind = relu_kind(node)
+        linear = node.class_name == "Activation" and node.config.get("activation") in (None, "linear")
+        if node.class_name in _MEAN_PRESERVING and not seen_act:
+            src = node.inputs[0]
+        elif (kind is not None or linear) and not seen_act:
+            act, seen_act, src = kind, True, node.inputs[0]
+        elif node.class_name == "BatchNormalization":
+            return graph.bn_params(src), act, ""
+        elif node.class_name in _COMPUTE:
+            stats = state.bn_stats.get(src)
+            reason = f"input from '{src}' has no BN statistics"
+            return (stats, act, "") if stats is not None else (None, None, reason)
+        else:
+            return None, None, f"input from {node.class_name} '{src}' (no BN statistics)"
+
+
+def analytical_input_mean(graph: ModelGraph, state: PTQState, layer: QuantLayer) -> tuple[np.ndarray | None, str]:
+    """E[x] per input channel of ``layer`` from upstream BN statistics, or None and why not."""
+    if not hasattr(graph, "node"):
+        return None, "graph does not expose its nodes (analytical needs the Keras adapter)"
+    src = graph.node(layer.name).inputs[0]
+    if graph.node(src).class_name == "InputLayer":
+        return None, "reads the model input (no BN statistics)"
+    stats, act, reason = _bn_source(graph, state, src)
+    if stats is None:
+        return None, reason
+    mean = activation_mean(np.asarray(stats["beta"]), np.asarray(stats["gamma"]), act)
+    need = graph.kernel(layer.name).shape[-2 if layer.kind != "dense" else 0]
+    if need % mean.size:
+        return None, f"{need} input channels do not fit {mean.size} BN channels"
+    return np.tile(mean, need // mean.size), ""  # channel-last flatten: channel varies fastest
+
+
+# ------------------------------------------------------------------ stage
+@register
+class BiasCorrection(Stage):
+    """Subtract the expected per-channel output error of quantized weights from the biases."""
+
+    name = "bias_correction"
+
+    def __init__(self, method: str = "empirical", batch_size: int = 128) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown bias correction method '{method}'; valid: {', '.join(METHODS)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ConfigError(f"bias_correction batch_size must be a positive integer, got {batch_size!r}")
+        self.method = method
+        self.batch_size = int(batch_size)
+
+    def apply(self, state: PTQState) -> PTQState:
+        """A new state whose quantized layers have corrected biases (kernels and encodings unchanged)."""
+        if not state.weight_encodings:
+            raise ConfigError("bias_correction needs weight encodings: put range_setting before it in the pipeline")
+        state = state.evolve(copy_graph=True)
+        layers = state.graph.quant_layers()
+        skipped = {ql.name: "weights not quantized" for ql in layers if ql.name not in state.weight_encodings}
+        todo = [ql for ql in layers if ql.name in state.weight_encodings]
+        if self.method == "empirical":
+            shifts = self._empirical(state, todo)
+        else:
+            shifts = self._analytical(state, todo, skipped)
+        self.record(state, self._lines(shifts, skipped), **_details(shifts, skipped))
+        return state
+
+    # --------------------------------------------------------------- methods
+    def _empirical(self, state: PTQState, layers: list[QuantLayer]) -> dict[str, np.ndarray]:
+        """Measure and remove E[y_q - y] layer by layer, each after correcting the layers before it."""
+        names = [ql.name for ql in layers]
+        float_means = self._float_means(state, names)  # the graph is still uncorrected here
+        shifts = {}
+        for name in names:
+            shift = self._quant_mean(state, name) - float_means[name]
+            _shift_bias(state.graph, name, shift)  # now, so that downstream layers see it
+            shifts[name] = shift
+        return shifts
+
+    def _float_means(self, state: PTQState, names: list[str]) -> dict[str, np.ndarray]:
+        """Per-channel means of the float outputs of ``names`` over the calibration data."""
+        sums: dict[str, np.ndarray] = {}
+        count: dict[str, int] = {}
+        for batch in state.graph.iterate(state.calib, names, self.batch_size):
+            for name in names:
+                s, n = channel_means(batch[name])
+                sums[name] = sums.get(name, 0) + s
+                count[name] = count.get(name, 0) + n
+        return {name: sums[name] / count[name] for name in names}
+
+    def _quant_mean(self, state: PTQState, name: str) -> np.ndarray:
+        """Per-channel mean of the layer's output in the quantized network, before its own output quantizer."""
+        # the error to correct is the one of the weights and upstream, not the rounding of y itself
+        acts = {k: v for k, v in state.act_encodings.items() if k != name}
+        sim = QuantSim(state.evolve(act_encodings=acts), outputs=[name])
+        total, count = 0.0, 0
+        for start in range(0, len(state.calib), self.batch_size):
+            batch = state.calib[start : start + self.batch_size]
+            s, n = channel_means(sim.run(batch, self.batch_size)[name])
+            total, count = total + s, count + n
+        return total / count
+
+    def _analytical(self, state: PTQState, layers: list[QuantLayer], skipped: dict[str, str]) -> dict[str, np.ndarray]:
+        """Remove (W_q - W) E[x] from each layer whose input mean follows from BN statistics."""
+        graph = state.graph
+        kernels = state.quantized_kernels()
+        shifts = {}
+        for ql in layers:
+            mean_x, reason = analytical_input_mean(graph, state, ql)
+            if mean_x is None:
+                skipped[ql.name] = reason
+                continue
+            delta = kernels[ql.name].astype(np.float64) - graph.kernel(ql.name)
+            shifts[ql.name] = weight_error_shift(ql.kind, delta, mean_x)
+        for name, shift in shifts.items():  # biases do not enter E[x], so order does not matter
+            _shift_bias(graph, name, shift)
+        return shifts
+
+    # ------------------------------------------------------------------ log
+    def _lines(self, shifts: dict[str, np.ndarray], skipped: dict[str, str]) -> list[str]:
+        """Summary lines: method, corrected layers, skipped layers and why, mean |correction|."""
+        mean_abs = float(np.mean(np.concatenate([np.abs(s) for s in shifts.values()]))) if shifts else 0.0
+        lines = [
+            f"method {self.method}: {len(shifts)} layer{'' if len(shifts) == 1 else 's'} corrected"
+            + (f" ({', '.join(shifts)})" if shifts else ""),
+            f"mean |correction| {mean_abs:.4g}",
+        ]
+        lines += [f"skipped {name}: {why}" for name, why in skipped.items()]
+        return lines
+
+
+def _shift_bias(graph: ModelGraph, name: str, shift: np.ndarray) -> None:
+    """bias -= shift (a zero bias is created for layers without one)."""
+    bias = graph.bias(name)
+    if bias is None:
+        bias = np.zeros(shift.shape, np.float64)
+    graph.set_bias(name, (bias - shift).astype(np.float32))
+
+
+def _details(shifts: dict[str, np.ndarray], skipped: dict[str, str]) -> dict[str, Any]:
+    """Machine-readable record: the correction per layer and the skipped layers."""
+    return {
+        "corrections": {name: s.astype(np.float32).tolist() for name, s in shifts.items()},
+        "skipped": dict(skipped),
+    }
