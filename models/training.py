@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tinyptq._tf import keras, tf
-from tinyptq.cache import cache_dir, content_hash
+from tinyptq.cache import cache_dir, cached_arrays, content_hash
 from tinyptq.datadir import require
 from tinyptq.datasets.fsdd import load_fsdd, scan
 from tinyptq.errors import DataError, ModelError
@@ -72,25 +72,17 @@ def _dataset_key(recordings: Path, split: str, seed: int, what: str) -> str:
     return content_hash(files, split, int(seed), RECIPE_VERSION, what)
 
 
-def _load_npz(path: Path) -> Splits | None:
-    """The splits stored in ``path``, or None when it is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as z:
-            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in SPLITS}
-    except (OSError, ValueError, KeyError, EOFError):
-        return None  # a damaged cache entry is simply recomputed
+def _cached_splits(kind: str, key: str, compute) -> Splits:
+    """Splits through the shared feature cache (stored as ``{split}_x`` / ``{split}_y``)."""
 
+    def flat() -> dict[str, np.ndarray]:
+        arrays = {}
+        for name, (x, y) in compute().items():
+            arrays[f"{name}_x"], arrays[f"{name}_y"] = x, y
+        return arrays
 
-def _save_npz(path: Path, splits: Splits) -> None:
-    """Write ``splits`` to ``path`` atomically (temp file, then rename)."""
-    arrays = {}
-    for s, (x, y) in splits.items():
-        arrays[f"{s}_x"], arrays[f"{s}_y"] = x, y
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    arrays = cached_arrays(kind, key, flat)
+    return {name: (arrays[f"{name}_x"], arrays[f"{name}_y"]) for name in SPLITS}
 
 
 def _read_clip(path: Path) -> np.ndarray:
@@ -116,16 +108,15 @@ def fsdd_waveforms(
     """FSDD {"train", "test"} as ((N, 16000) float32 1 s 16 kHz clips, int64 labels), cached."""
     recordings = _recordings_dir(data_dir)
     key = _dataset_key(recordings, split, seed, "waveforms")
-    path = cache_dir("features") / f"fsdd_waveforms_{key}.npz"
-    cached = _load_npz(path)
-    if cached is not None:
-        return cached
-    files = load_fsdd(recordings, split=split, seed=seed)
-    out = {
-        s: _read_split(files[s].paths, files[s].labels, f"FSDD {s} wavs", progress) for s in SPLITS
-    }
-    _save_npz(path, out)
-    return out
+
+    def compute() -> Splits:
+        files = load_fsdd(recordings, split=split, seed=seed)
+        return {
+            s: _read_split(files[s].paths, files[s].labels, f"FSDD {s} wavs", progress)
+            for s in SPLITS
+        }
+
+    return _cached_splits("fsdd_waveforms", key, compute)
 
 
 def fsdd_mfcc(
@@ -137,14 +128,12 @@ def fsdd_mfcc(
     """FSDD {"train", "test"} as ((N, 49, 10, 1) float32 KWS MFCCs, int64 labels), cached."""
     recordings = _recordings_dir(data_dir)
     key = _dataset_key(recordings, split, seed, "kws_mfcc")
-    path = cache_dir("features") / f"fsdd_mfcc_{key}.npz"
-    cached = _load_npz(path)
-    if cached is not None:
-        return cached
-    waves = fsdd_waveforms(data_dir, split, seed, progress=progress)
-    out = {s: (kws_mfcc(x), y) for s, (x, y) in waves.items()}
-    _save_npz(path, out)
-    return out
+
+    def compute() -> Splits:
+        waves = fsdd_waveforms(data_dir, split, seed, progress=progress)
+        return {s: (kws_mfcc(x), y) for s, (x, y) in waves.items()}
+
+    return _cached_splits("fsdd_mfcc", key, compute)
 
 
 # ====================================================================================
