@@ -14,6 +14,7 @@ E[y_q - y]; subtracting that shift from the (float) bias removes it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,6 @@ _MEAN_PRESERVING = {
     "GlobalAveragePooling2D",
     "ZeroPadding2D",
 }
-_COMPUTE = {"Conv2D", "DepthwiseConv2D", "Dense"}
 
 
 # ------------------------------------------------------------ closed forms
@@ -80,7 +80,7 @@ def channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
 # -------------------------------------------------------- analytical E[x]
 def _bn_source(graph: Any, state: PTQState, src: str) -> tuple[dict | None, str | None, str]:
     """Walk back from a layer input to its batch norm: (stats, activation, reason when none)."""
-    from tinyptq.graph.keras_topology import relu_kind
+    from tinyptq.graph.keras_topology import COMPUTE, relu_kind  # node types: Keras adapter only
 
     act, seen_act = None, False
     while True:
@@ -93,7 +93,7 @@ def _bn_source(graph: Any, state: PTQState, src: str) -> tuple[dict | None, str 
             act, seen_act, src = kind, True, node.inputs[0]
         elif node.class_name == "BatchNormalization":
             return graph.bn_params(src), act, ""
-        elif node.class_name in _COMPUTE:
+        elif node.class_name in COMPUTE:
             stats = state.bn_stats.get(src)
             reason = f"input from '{src}' has no BN statistics"
             return (stats, act, "") if stats is not None else (None, None, reason)
@@ -116,6 +116,52 @@ def analytical_input_mean(graph: ModelGraph, state: PTQState, layer: QuantLayer)
     if need % mean.size:
         return None, f"{need} input channels do not fit {mean.size} BN channels"
     return np.tile(mean, need // mean.size), ""  # channel-last flatten: channel varies fastest
+
+
+# --------------------------------------------------------- empirical E[y_q]
+class QuantProbe:
+    """Per-channel means of layer outputs in the quantized network, before each layer's own output quantizer.
+
+    The error to correct is that of the weights and of the upstream network,
+    not the rounding of y itself, so a layer whose output is an activation
+    point is read before its FakeQuant. A Keras simulation is built once and
+    tapped there, bias updates going straight into its variables; other
+    backends get a simulation rebuilt (from the current graph) per layer.
+    """
+
+    def __init__(self, state: PTQState, names: list[str], batch_size: int) -> None:
+        self.state, self.batch_size = state, batch_size
+        model = QuantSim(state, outputs=names).model
+        self.keras_model = model if hasattr(model, "get_layer") else None
+
+    def mean(self, name: str) -> np.ndarray:
+        """E[y_q] per output channel of layer ``name`` over the calibration data."""
+        total, count = 0.0, 0
+        for y in self._batches(name):
+            s, n = channel_means(y)
+            total, count = total + s, count + n
+        return total / count
+
+    def set_bias(self, name: str, bias: np.ndarray) -> None:
+        """Mirror a bias change of the graph in the built simulation."""
+        if self.keras_model is not None:
+            self.keras_model.get_layer(name).bias.assign(np.asarray(bias, np.float32))
+
+    def _batches(self, name: str) -> Iterator[np.ndarray]:
+        """The layer's quantized-network output, batch by batch."""
+        calib, bs = self.state.calib, self.batch_size
+        if self.keras_model is not None:
+            from tinyptq._tf import keras
+            from tinyptq.graph.keras_build import iter_batches
+
+            tap = keras.Model(self.keras_model.inputs, self.keras_model.get_layer(name).output)
+            for (y,) in iter_batches(tap, calib, bs):
+                yield y
+            return
+        acts = {k: v for k, v in self.state.act_encodings.items() if k != name}
+        sim = QuantSim(self.state.evolve(act_encodings=acts), outputs=[name])
+        for start in range(0, len(calib), bs):
+            yield sim.run(calib[start : start + bs], bs)[name]
 
 
 # ------------------------------------------------------------------ stage
@@ -151,13 +197,17 @@ class BiasCorrection(Stage):
     # --------------------------------------------------------------- methods
     def _empirical(self, state: PTQState, layers: list[QuantLayer]) -> dict[str, np.ndarray]:
         """Measure and remove E[y_q - y] layer by layer, each after correcting the layers before it."""
-        names = [ql.name for ql in layers]
+        graph, names = state.graph, [ql.name for ql in layers]
         float_means = self._float_means(state, names)  # the graph is still uncorrected here
+        for name in names:  # zero biases first (no change in function), so the sim has them all
+            if graph.bias(name) is None:
+                graph.set_bias(name, np.zeros(float_means[name].shape, np.float32))
+        probe = QuantProbe(state, names, self.batch_size)
         shifts = {}
         for name in names:
-            shift = self._quant_mean(state, name) - float_means[name]
-            _shift_bias(state.graph, name, shift)  # now, so that downstream layers see it
-            shifts[name] = shift
+            shifts[name] = probe.mean(name) - float_means[name]
+            _shift_bias(graph, name, shifts[name])
+            probe.set_bias(name, graph.bias(name))  # now, so that downstream layers see it
         return shifts
 
     def _float_means(self, state: PTQState, names: list[str]) -> dict[str, np.ndarray]:
@@ -170,18 +220,6 @@ class BiasCorrection(Stage):
                 sums[name] = sums.get(name, 0) + s
                 count[name] = count.get(name, 0) + n
         return {name: sums[name] / count[name] for name in names}
-
-    def _quant_mean(self, state: PTQState, name: str) -> np.ndarray:
-        """Per-channel mean of the layer's output in the quantized network, before its own output quantizer."""
-        # the error to correct is the one of the weights and upstream, not the rounding of y itself
-        acts = {k: v for k, v in state.act_encodings.items() if k != name}
-        sim = QuantSim(state.evolve(act_encodings=acts), outputs=[name])
-        total, count = 0.0, 0
-        for start in range(0, len(state.calib), self.batch_size):
-            batch = state.calib[start : start + self.batch_size]
-            s, n = channel_means(sim.run(batch, self.batch_size)[name])
-            total, count = total + s, count + n
-        return total / count
 
     def _analytical(self, state: PTQState, layers: list[QuantLayer], skipped: dict[str, str]) -> dict[str, np.ndarray]:
         """Remove (W_q - W) E[x] from each layer whose input mean follows from BN statistics."""

@@ -205,3 +205,22 @@ def test_requires_range_setting_and_leaves_input_state_untouched():
 def test_bad_options_raise_config_error(options):
     with pytest.raises(ConfigError):
         create_stage("bias_correction", options)
+
+
+def test_rebuilt_simulation_gives_the_same_corrections(monkeypatch):
+    """The one-build Keras tap and the generic per-layer rebuild measure the same errors."""
+    from tinyptq.components import bias_correction as bc
+
+    state = _calibrated(QuantConfig(weight_bits=3, weight_per_channel=True))
+    tapped = create_stage("bias_correction").apply(state).log[-1].details["corrections"]
+    init = bc.QuantProbe.__init__
+
+    def generic(self, *args):
+        init(self, *args)
+        self.keras_model = None
+
+    monkeypatch.setattr(bc.QuantProbe, "__init__", generic)
+    rebuilt = create_stage("bias_correction").apply(state).log[-1].details["corrections"]
+    assert list(rebuilt) == list(tapped)
+    for name in tapped:
+        np.testing.assert_allclose(rebuilt[name], tapped[name], atol=1e-5)
