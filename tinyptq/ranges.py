@@ -9,7 +9,8 @@ Lp quantization error on the actual grid is smallest) and ``kl`` (TensorRT's
 entropy calibration). The clipping methods see data in one of two ways:
 
 - one update (a weight tensor, optionally per channel along ``axis``, or a
-  calibration set that fits in one batch): the values themselves, exactly;
+  calibration set that fits in one batch; per tensor at most ``EXACT_LIMIT``
+  values): the values themselves, exactly;
 - several updates (activation batches): from the second batch on, a
   :class:`~tinyptq.histogram.StreamingHistogram` of ``num_bins`` bins, so
   memory stays at one batch plus the bins however long calibration runs.
@@ -30,6 +31,8 @@ from tinyptq.quant import Encoding, QuantSpec, grid_limits
 
 # a single per-tensor update larger than this goes straight into the histogram
 EXACT_LIMIT = 2**20
+# kl on exact values (weights): at most len(values) / VALUES_PER_BIN bins
+VALUES_PER_BIN = 8
 
 
 def check_number(
@@ -188,15 +191,18 @@ class PercentileObserver(ClippingObserver):
         return self._ordered(np.percentile(rows, 100 - p, axis=1), np.percentile(rows, p, axis=1), mn, mx)
 
     def _range_hist(self, hist: StreamingHistogram, spec: QuantSpec) -> tuple[float, float]:
-        q = self.percentile / 100
+        # a range within one bin is below what the histogram resolves (a point mass at 0
+        # inside the first bin, say): such ranges fall back to min / max like empty ones
+        q, width = self.percentile / 100, hist.width
         if spec.symmetric:
-            return clip_range(hist.abs_quantile(q), hist.min, hist.max)
-        return self._ordered(hist.quantile(1 - q), hist.quantile(q), hist.min, hist.max)
+            t = hist.abs_quantile(q)
+            return clip_range(t if t > width else 0.0, hist.min, hist.max)
+        return self._ordered(hist.quantile(1 - q), hist.quantile(q), hist.min, hist.max, width)
 
     @staticmethod
-    def _ordered(lo: Any, hi: Any, mn: Any, mx: Any) -> tuple[np.ndarray, np.ndarray]:
+    def _ordered(lo: Any, hi: Any, mn: Any, mx: Any, resolution: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """An empty clipped range (e.g. a mostly-zero ReLU output) falls back to min / max."""
-        keep = np.asarray(hi) > np.asarray(lo)
+        keep = np.asarray(hi) - np.asarray(lo) > resolution
         return np.where(keep, lo, mn), np.where(keep, hi, mx)
 
 
@@ -261,8 +267,10 @@ class KLObserver(ClippingObserver):
     one-sided data such as ReLU outputs (the common asymmetric case). The range
     is [-t, t] intersected with [min, max], so for one-sided data only the top
     is clipped; for two-sided data under an asymmetric spec both sides are cut
-    at the same magnitude. Exact values (weights) are binned with ``num_bins``
-    bins per channel over [0, max |x|].
+    at the same magnitude. Exact values (weights) are binned per channel over
+    [0, max |x|] with ``num_bins`` bins, or fewer so that each holds about
+    ``VALUES_PER_BIN`` values on average. The first bin's count is replaced by the
+    second's, so that the zeros of ReLU outputs do not decide the threshold.
     """
 
     def __init__(
@@ -275,19 +283,29 @@ class KLObserver(ClippingObserver):
 
     def _threshold(self, counts: np.ndarray, width: float, spec: QuantSpec, two_sided: bool) -> float:
         levels = self.num_quant_bins or magnitude_levels(spec, two_sided)
+        counts = np.array(counts, dtype=np.float64)
+        if counts.size > 1:
+            # the exact zeros of a ReLU output are a spike in the first bin that no
+            # merging can represent; left in, it dominates KL and drives the threshold
+            # down (NVIDIA's entropy calibrator flattens it the same way)
+            counts[0] = counts[1]
         return kl_threshold_bins(counts, levels) * width
 
     def _range_rows(self, rows: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         mn, mx = rows.min(axis=1), rows.max(axis=1)
         two_sided = bool(np.any(mn < 0))
+        # a few values spread over many bins make a spiky P that any Q matches
+        # poorly; with ~VALUES_PER_BIN values per bin, a small kernel (27 weights per
+        # channel) gets fewer bins than levels, and so is not clipped at all
+        bins = int(min(self.num_bins, max(1, rows.shape[1] // VALUES_PER_BIN)))
         thresholds = []
         for row in np.abs(rows):
             amax = float(row.max())
             if amax == 0:
                 thresholds.append(0.0)
                 continue
-            counts, _ = np.histogram(row, bins=self.num_bins, range=(0.0, amax))
-            thresholds.append(self._threshold(counts, amax / self.num_bins, spec, two_sided))
+            counts, _ = np.histogram(row, bins=bins, range=(0.0, amax))
+            thresholds.append(self._threshold(counts, amax / bins, spec, two_sided))
         return clip_range(np.array(thresholds), mn, mx)
 
     def _range_hist(self, hist: StreamingHistogram, spec: QuantSpec) -> tuple[float, float]:

@@ -1,22 +1,25 @@
-"""range_setting (minmax): encodings cover the observed ranges; sim uses them exactly."""
+"""range_setting: encodings cover (minmax) or clip (percentile, mse, kl) the observed ranges."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from tinyptq.config import LayerOverride, QuantConfig
+from tinyptq.errors import ConfigError
 from tinyptq.graph.keras_graph import KerasGraph
 from tinyptq.pipeline import PTQState, create_stage
+from tinyptq.ranges import RANGE_METHODS
 from tinyptq.sim import QuantSim
 
 from ..core.test_graph import tiny_resnet
 
 
-def _run(config: QuantConfig):
+def _run(config: QuantConfig, **options):
     graph = KerasGraph.from_keras(tiny_resnet())
     calib = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype(np.float32)
     state = PTQState(graph, config, calib)
-    return create_stage("range_setting", {"batch_size": 8}).apply(state)
+    return create_stage("range_setting", {"batch_size": 8, **options}).apply(state)
 
 
 def test_minmax_weight_encodings_cover_kernels_per_tensor_and_per_channel():
@@ -78,3 +81,64 @@ def test_sim_equals_manual_fake_quant_chain():
     lo = _run(QuantConfig(weight_bits=3, act_bits=3))
     ref = state.graph.predict(x)
     assert np.abs(QuantSim(lo).predict(x) - ref).mean() > np.abs(sim_out - ref).mean()
+
+
+# ------------------------------------------------------ clipping range methods
+
+@pytest.mark.parametrize("method", sorted(RANGE_METHODS))
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_every_method_encodes_every_tensor(method, per_channel):
+    cfg = QuantConfig(weight_bits=4, act_bits=6, weight_per_channel=per_channel)
+    state = _run(cfg, weights=method, activations=method, num_bins=256)
+    graph = state.graph
+    assert set(state.weight_encodings) == {ql.name for ql in graph.quant_layers()}
+    assert set(state.act_encodings) == {p.name for p in graph.act_points()}
+    for ql in graph.quant_layers():
+        enc = state.weight_encodings[ql.name]
+        assert enc.bits == 4 and enc.per_channel == (per_channel and ql.channel_axis is not None)
+        # clipping only ever narrows the min-max range (up to the grid's rounding)
+        amax = np.abs(graph.kernel(ql.name)).max()
+        assert np.max(enc.scale) * enc.qmax <= amax * (1 + 1e-5)
+    record = state.log[-1]
+    assert method in record.lines[0] and method in record.lines[-1]
+    assert "min-max on average" in record.lines[0]
+    ratios = {**record.details["weight_range_ratio"], **record.details["act_range_ratio"]}
+    assert all(0 < r <= 1 + 1e-6 for r in ratios.values())
+    if method == "minmax":
+        assert all(r == pytest.approx(1.0) for r in ratios.values())
+
+
+def test_options_reach_the_observers_and_the_summary():
+    cfg = QuantConfig(weight_bits=3, act_bits=4)
+    wide = _run(cfg, weights="percentile", activations="percentile", percentile=100.0)
+    minmax = _run(cfg)
+    for name, enc in minmax.weight_encodings.items():  # the 100th percentile is the maximum
+        np.testing.assert_allclose(wide.weight_encodings[name].scale, enc.scale, rtol=1e-6)
+    narrow = _run(cfg, weights="percentile", activations="mse", percentile=90.0, mse_p=2.4)
+    assert all(
+        narrow.weight_encodings[n].scale < minmax.weight_encodings[n].scale for n in minmax.weight_encodings
+    )
+    lines = narrow.log[-1].lines
+    assert "percentile (percentile=90.0" in lines[0] and "mse (p=2.4" in lines[-1]
+    stage = create_stage("range_setting", {"weights": "kl", "num_quant_bins": 64})
+    assert stage.get_params()["num_quant_bins"] == 64 and stage.get_params()["weights"] == "kl"
+
+
+@pytest.mark.parametrize(
+    "options, culprit",
+    [
+        ({"weights": "entropy"}, "'entropy' for weights"),
+        ({"activations": "max"}, "'max' for activations"),
+        ({"percentile": 10.0}, "percentile=10.0"),
+        ({"percentile": "high"}, "percentile must be a number"),
+        ({"mse_p": 0}, "mse_p=0"),
+        ({"num_candidates": 0}, "num_candidates=0"),
+        ({"num_bins": 4}, "num_bins=4"),
+        ({"num_quant_bins": 4096}, "num_quant_bins=4096"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"mse_norm": 2}, "unknown option 'mse_norm'"),
+    ],
+)
+def test_bad_options_raise_config_errors_naming_them(options, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        create_stage("range_setting", options)
