@@ -10,6 +10,12 @@ the choice that maximizes the per-tensor quantization precision of the pair.
 Chains (conv -> depthwise -> pointwise) share layers between pairs, so the pairs
 are swept repeatedly until every scale is within ``tolerance`` of 1.
 
+Dead channels (a BN that never saw its channel fire folds into ~1e-30 weights)
+are left unscaled: Nagel's s would multiply their constant ReLU'd bias by up to
+1e15 and wreck the per-tensor activation grid. Where such a channel always
+outputs 0 (ReLU, bias <= 0), layer2's weights reading it are set to 0 (exact):
+BN folding over a zero-variance input leaves them huge, setting the grid.
+
 Pairs with a ReLU6 between them are skipped (clipping at 6 does not commute
 with scaling), as are pairs whose layer1 still has a batch norm: put
 ``bn_folding`` first. Like bn_folding, CLE must run before range_setting.
@@ -36,6 +42,10 @@ from tinyptq.components.bn_folding import (
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph, QuantLayer
 from tinyptq.pipeline import PTQState, Stage, register
+
+# A channel whose weight range is below this fraction of its layer's largest is
+# treated as dead: BN folding of a channel that never fired leaves ~1e-30 weights.
+DEAD_RANGE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -151,12 +161,30 @@ class _Weights:
                 graph.set_bias(name, self.biases[name].astype(np.float32))
 
 
+def dead_channels(layer: QuantLayer, kernel: np.ndarray) -> np.ndarray:
+    """Output channels whose weights are numerically zero next to the layer's largest channel."""
+    r = output_ranges(layer, kernel)
+    return r <= DEAD_RANGE * r.max()
+
+
+def zero_dead_inputs(w: _Weights, pair: CLEPair) -> int:
+    """Zero layer2's weights on inputs that are always 0 (dead weights, bias <= 0, ReLU); how many."""
+    a, b = pair.first, pair.second
+    if a.activation != "relu":
+        return 0
+    bias = w.biases[a.name]
+    zero = dead_channels(a, w.kernels[a.name]) & ((bias <= 0) if bias is not None else True)
+    w.kernels[b.name] = scale_input_channels(b, w.kernels[b.name], np.where(zero, 0.0, 1.0))
+    return int(zero.sum())
+
+
 def equalize_pair(w: _Weights, pair: CLEPair) -> np.ndarray:
     """Rescale one pair so that its channel ranges meet; the scales s (layer1 divided by s)."""
     a, b = pair.first, pair.second
     r1 = output_ranges(a, w.kernels[a.name])
     r2 = input_ranges(b, w.kernels[b.name])
-    ok = (r1 > 0) & (r2 > 0)  # dead channels keep their scale
+    # a dead layer1 channel outputs its (ReLU'd) bias: growing it would only inflate that constant
+    ok = ~dead_channels(a, w.kernels[a.name]) & (r2 > 0)
     s = np.ones_like(r1)
     s[ok] = np.sqrt(r1[ok] / r2[ok])
     w.kernels[a.name] = scale_output_channels(a, w.kernels[a.name], 1.0 / s)
@@ -204,12 +232,13 @@ def rescaled_stats(stats: dict[str, Any], scale: np.ndarray, absorbed: np.ndarra
 
 
 def precision(w: _Weights, pairs: list[CLEPair]) -> float:
-    """Mean over the pairs' layers of mean(r_c) / max(r_c): per-tensor precision, 1 is ideal."""
+    """Mean over the pairs' layers of mean(r_c) / max(r_c) over live channels: 1 is ideal."""
     names = {q.name: q for p in pairs for q in (p.first, p.second)}
     values = []
     for name, q in names.items():
         r = output_ranges(q, w.kernels[name])
-        values.append(float(r.mean() / r.max()) if r.max() > 0 else 1.0)
+        r = r[r > DEAD_RANGE * r.max()]  # dead channels cost no precision
+        values.append(float(r.mean() / r.max()) if r.size and r.max() > 0 else 1.0)
     return float(np.mean(values)) if values else 1.0
 
 
@@ -220,8 +249,10 @@ class CrossLayerEqualization(Stage):
 
     name = "cle"
 
-    def __init__(self, tolerance: float = 1e-4, max_iterations: int = 500, high_bias_absorption: bool = False) -> None:
-        if not float(tolerance) > 0:
+    def __init__(
+        self, tolerance: float = 1e-4, max_iterations: int = 1000, high_bias_absorption: bool = False
+    ) -> None:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
             raise ConfigError(f"cle tolerance must be positive, got {tolerance!r}")
         if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
             raise ConfigError(f"cle max_iterations must be a positive integer, got {max_iterations!r}")
@@ -234,8 +265,8 @@ class CrossLayerEqualization(Stage):
         usable, skipped = [], []
         for p in pairs:
             if p.first.bn is not None:
-                skipped.append(f"skipped {p.label}: '{p.first.name}' still has batch norm '{p.first.bn}' "
-                               "(put bn_folding before cle)")
+                why = f"'{p.first.name}' still has batch norm '{p.first.bn}' (put bn_folding before cle)"
+                skipped.append(f"skipped {p.label}: {why}")
             elif p.first.activation == "relu6":
                 skipped.append(f"skipped {p.label}: ReLU6 between them is not scale-invariant")
             else:
@@ -252,18 +283,23 @@ class CrossLayerEqualization(Stage):
             return state
         w = _Weights.read(state.graph, pairs)
         before = precision(w, pairs)
+        zeroed = sum(zero_dead_inputs(w, p) for p in pairs)  # in order: a zeroed channel may die next
         scales, sweeps, worst = equalize(w, pairs, self.tolerance, self.max_iterations)
         status = "converged" if worst < self.tolerance else f"not converged (max |log s| {worst:.2g})"
         head = [
             f"equalized {len(pairs)} pairs in {sweeps} sweeps, {status}",
             f"per-tensor weight precision mean(r)/max(r): {before:.3f} -> {precision(w, pairs):.3f}",
         ]
+        if zeroed:
+            head.append(f"zeroed the weights of {zeroed} input channels that are always 0 (dead ReLU channels)")
         head += self._update_stats(state, w, pairs, scales)
         w.write(state.graph)
         self.record(state, head + lines, pairs=[p.label for p in pairs], sweeps=sweeps)
         return state
 
-    def _update_stats(self, state: PTQState, w: _Weights, pairs: list[CLEPair], scales: list[np.ndarray]) -> list[str]:
+    def _update_stats(
+        self, state: PTQState, w: _Weights, pairs: list[CLEPair], scales: list[np.ndarray]
+    ) -> list[str]:
         """Rescale bn_stats (and absorb high biases when asked); the log lines of absorption."""
         absorbed = 0
         for pair, scale in zip(pairs, scales, strict=True):
