@@ -33,12 +33,10 @@ from tinyptq.datasets.base import check_finite
 from tinyptq.datasets.speech_commands import SpeechCommandsFiles, load_speech_commands
 from tinyptq.errors import ModelError
 from tinyptq.frontends import (
-    KWS_CLIP_SAMPLES,
-    KWS_SAMPLE_RATE,
+    kws_clip,
     kws_mfcc,
     pad_or_crop,
     read_wav,
-    resample,
 )
 from tinyptq.metrics import MetricResult
 from tinyptq.models.usecases import EvalSet, UseCase, register_use_case, seeded_index, seeded_sample
@@ -64,7 +62,7 @@ def _clip(path: Path, offset: int, noise: dict[Path, tuple[np.ndarray, int]]) ->
         audio = pad_or_crop(audio, sr, int(offset))
     else:
         audio, sr = read_wav(path)
-    return pad_or_crop(resample(audio, sr, KWS_SAMPLE_RATE), KWS_CLIP_SAMPLES)
+    return kws_clip(audio, sr)
 
 
 def speech_commands_mfcc(paths: Sequence[Path], offsets: np.ndarray) -> np.ndarray:

@@ -29,10 +29,9 @@ from tinyptq.errors import DataError, ModelError
 from tinyptq.frontends import (
     KWS_CLIP_SAMPLES,
     KWS_SAMPLE_RATE,
+    kws_clip,
     kws_mfcc,
-    pad_or_crop,
     read_wav,
-    resample,
     time_shift,
 )
 from tinyptq.models.architectures import dscnn
@@ -87,8 +86,7 @@ def _cached_splits(kind: str, key: str, compute) -> Splits:
 
 def _read_clip(path: Path) -> np.ndarray:
     """One FSDD file as a 1 s, 16 kHz float32 clip."""
-    audio, sr = read_wav(path)
-    return pad_or_crop(resample(audio, sr, KWS_SAMPLE_RATE), KWS_CLIP_SAMPLES)
+    return kws_clip(*read_wav(path))
 
 
 def _read_split(paths: list[Path], labels: np.ndarray, desc: str, progress: bool):

@@ -66,11 +66,15 @@ def evaluate(use_case: str, data_dir: str | Path | None = None, model: str | Pat
     from tinyptq.models.usecases import get_use_case
 
     uc = get_use_case(use_case, data_dir)
-    graph = uc.load_graph(model)
+    return _fp32_baseline(uc, uc.load_graph(model))[2]
+
+
+def _fp32_baseline(uc, graph):
+    """The evaluation set, the FP32 scores on it and the FP32 metric."""
     data = uc.eval_set()
     graph.check_input(data.x, f"{uc.name} evaluation data")
     scores = graph.predict(data.x)
-    return uc.metric(data, scores, scores)
+    return data, scores, uc.metric(data, scores, scores)
 
 
 def quantize(
@@ -102,10 +106,7 @@ def quantize(
     else:
         calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
-    data = uc.eval_set()
-    graph.check_input(data.x, f"{uc.name} evaluation data")
-    fp32_scores = graph.predict(data.x)
-    fp32 = uc.metric(data, fp32_scores, fp32_scores)
+    data, fp32_scores, fp32 = _fp32_baseline(uc, graph)
     fp32_bytes = graph.param_count() * 4
 
     state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)

@@ -111,6 +111,12 @@ def pad_or_crop(audio: np.ndarray, length: int, offset: int = 0) -> np.ndarray:
     return out
 
 
+
+def kws_clip(audio: np.ndarray, sr: int) -> np.ndarray:
+    """Audio at any rate as the KWS front end's input: 16 kHz, exactly 1 s."""
+    return pad_or_crop(resample(audio, sr, KWS_SAMPLE_RATE), KWS_CLIP_SAMPLES)
+
+
 def time_shift(audio: np.ndarray, shift: int) -> np.ndarray:
     """Shift a 1-D signal by ``shift`` samples (positive = later), filling with zeros."""
     audio = np.asarray(audio, dtype=np.float32)

@@ -88,14 +88,6 @@ class PTQState:
                 kernels[layer.name] = enc.fake_quant(self.graph.kernel(layer.name))
         return kernels
 
-    def integer_kernels(self) -> dict[str, np.ndarray]:
-        """The kernels as integers on their grids (what an exporter stores)."""
-        out = {}
-        for name, enc in self.weight_encodings.items():
-            fixed = self.fixed_weights.get(name)
-            out[name] = fixed if fixed is not None else enc.quantize(self.graph.kernel(name))
-        return out
-
     def stage_seconds(self) -> dict[str, float]:
         """Wall time per stage (stages of the same name numbered)."""
         out: dict[str, float] = {}
