@@ -132,10 +132,19 @@ class RangeSetting(Stage):
                 state.act_encodings.pop(p.name, None)
             else:
                 specs[p.name] = spec
-        observers = {name: self._observer(self.activations) for name in specs}
-        for batch in graph.iterate(state.calib, list(specs), self.batch_size):
-            for name, obs in observers.items():
-                obs.update(batch[name])
+        def observe() -> dict[str, RangeObserver]:
+            observers = {name: self._observer(self.activations) for name in specs}
+            for batch in graph.iterate(state.calib, list(specs), self.batch_size):
+                for name, obs in observers.items():
+                    obs.update(batch[name])
+            return observers
+
+        # the statistics do not depend on bit-widths: runs at other bits reuse them
+        if state.cache is None:
+            observers = observe()
+        else:
+            key = (graph.fingerprint(), self._describe(self.activations), self.batch_size, sorted(specs))
+            observers = state.cache.get_or_compute("act_statistics", key, observe)
         ratios = {}
         for name, obs in observers.items():
             lo, hi = obs.range(specs[name])

@@ -1,4 +1,4 @@
-"""The ``tinyptq`` command line: eval, quantize, train.
+"""The ``tinyptq`` command line: eval, quantize, export, train.
 
 User errors (tinyptq's own error type and click's usage errors) become one
 line on stderr and a non-zero exit code, never a traceback.
@@ -58,6 +58,12 @@ def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None) -> None:
 @_model_option
 @_data_dir_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option(
+    "--export",
+    "export_formats",
+    default=None,
+    help="Also write deployment files into OUT: any of onnx,tflite,encodings (comma-separated).",
+)
 def quantize(
     use_case: str,
     pipeline: str,
@@ -69,8 +75,9 @@ def quantize(
     model: Path | None,
     data_dir: Path | None,
     out: Path,
+    export_formats: str | None,
 ) -> None:
-    """Run a PTQ pipeline and write OUT/summary.json."""
+    """Run a PTQ pipeline; write OUT/summary.json, OUT/state.pkl and the --export files."""
     from tqdm import tqdm
 
     from tinyptq import api
@@ -79,6 +86,7 @@ def quantize(
         check_bits(weight_bits, "--weight-bits")
     if act_bits is not None:
         check_bits(act_bits, "--act-bits")
+    formats = _check_export_request(export_formats, pipeline, weight_bits, act_bits)
     bars: list = []
 
     def on_stage(stage, index: int, total: int) -> None:
@@ -114,6 +122,63 @@ def quantize(
     for rec in s["stage_log"]:
         click.echo(f"  {rec['stage']} ({rec['seconds']:.2f} s): " + "; ".join(rec["lines"]))
     click.echo(f"summary: {path}")
+    _save_run_state(result.state, out)
+    if formats:
+        _export(result.state, out, formats)
+
+
+def _check_export_request(
+    export_formats: str | None, pipeline: str, weight_bits: int | None, act_bits: int | None
+) -> list[str]:
+    """The --export formats, checked before the pipeline runs (TFLite: 8 bits only)."""
+    if export_formats is None:
+        return []
+    from tinyptq import api
+    from tinyptq.errors import ConfigError
+    from tinyptq.export import parse_formats
+
+    formats = parse_formats(export_formats)
+    if "tflite" in formats:
+        cfg = api.load_pipeline(pipeline).quant_config(weight_bits, act_bits)
+        if (cfg.weight_bits, cfg.act_bits) != (8, 8):
+            raise ConfigError(
+                f"TFLite export needs 8-bit weights and activations, not W{cfg.weight_bits}A{cfg.act_bits}"
+            )
+    return formats
+
+
+def _save_run_state(state, out: Path) -> None:
+    """Keep what 'tinyptq export OUT' needs; a graph that cannot be pickled only costs a warning."""
+    import pickle
+
+    from tinyptq.export.runstate import save_state
+
+    try:
+        click.echo(f"state: {save_state(state, out)}")
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        click.echo(f"warning: run state not saved ({type(exc).__name__}: {exc}); 'tinyptq export' needs it", err=True)
+
+
+def _export(state, out: Path, formats: list[str]) -> None:
+    from tinyptq.export import export_state
+
+    for fmt, path in export_state(state, out, formats).items():
+        click.echo(f"{fmt}: {path}")
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "formats", required=True, help="Comma-separated: onnx, tflite, encodings.")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory (default RUN_DIR)."
+)
+def export_cmd(run_dir: Path, formats: str, out: Path | None) -> None:
+    """Write deployment files of a 'tinyptq quantize --out RUN_DIR' run."""
+    from tinyptq.export import parse_formats
+    from tinyptq.export.runstate import load_state
+
+    chosen = parse_formats(formats)
+    _export(load_state(run_dir), out or run_dir, chosen)
 
 
 @cli.command()
@@ -135,6 +200,9 @@ def train(use_case: str, data_dir: Path | None, seed: int, epochs: int, force: b
     else:
         path = training.kws_fsdd_model(data_dir, seed=seed, epochs=epochs)
     click.echo(f"kws: trained model at {path}")
+
+
+from tinyptq import cli_ablate  # noqa: E402,F401  (registers ablate and report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,4 +234,7 @@ def console_main() -> None:
 
 
 if __name__ == "__main__":
-    console_main()
+    # run the imported module, on whose group the other command modules register
+    from tinyptq.cli import console_main as _console_main
+
+    _console_main()

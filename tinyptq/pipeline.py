@@ -59,6 +59,8 @@ class PTQState:
     bn_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: list[StageRecord] = field(default_factory=list)
     seed: int = 0
+    # optional memo for expensive, reusable intermediate results (see StageCache)
+    cache: StageCache | None = field(default=None, compare=False, repr=False)
 
     def evolve(self, copy_graph: bool = False, **changes: Any) -> PTQState:
         """A new state sharing nothing mutable with this one (the graph copied on request)."""
@@ -88,6 +90,20 @@ class PTQState:
                 kernels[layer.name] = enc.fake_quant(self.graph.kernel(layer.name))
         return kernels
 
+    def integer_kernels(self) -> dict[str, np.ndarray]:
+        """The kernels' integers on their grids (int32, graph layout): what exporters store."""
+        kernels = {}
+        for layer in self.graph.quant_layers():
+            enc = self.weight_encodings.get(layer.name)
+            if enc is None:
+                continue
+            fixed = self.fixed_weights.get(layer.name)
+            if fixed is not None:
+                kernels[layer.name] = np.rint(fixed).astype(np.int32)
+            else:
+                kernels[layer.name] = enc.quantize(self.graph.kernel(layer.name))
+        return kernels
+
     def stage_seconds(self) -> dict[str, float]:
         """Wall time per stage (stages of the same name numbered)."""
         out: dict[str, float] = {}
@@ -99,11 +115,32 @@ class PTQState:
         return out
 
 
+class StageCache:
+    """Where stages may keep results that other runs on the same model and data reuse.
+
+    The base class computes every time; the ablation runner passes a disk cache
+    whose keys also cover the model and the calibration data.
+    """
+
+    def get_or_compute(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+        """The value stored under (kind, key), computed and stored when missing."""
+        return compute()
+
+
 # --------------------------------------------------------------------- stage
 class Stage:
-    """Base class of pipeline stages: hyperparameters in ``__init__``, work in ``apply``."""
+    """Base class of pipeline stages: hyperparameters in ``__init__``, work in ``apply``.
+
+    ``requires``: stages that must come earlier in the pipeline.
+    ``precedes``: stages that must not come earlier (this one rewrites what they set).
+    ``uses_quant_config``: False for stages whose result does not depend on
+    bit-widths or granularity (their output is shared across bit settings).
+    """
 
     name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    precedes: ClassVar[tuple[str, ...]] = ()
+    uses_quant_config: ClassVar[bool] = True
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -157,6 +194,25 @@ def create_stage(name: str, options: dict[str, Any] | None = None) -> Stage:
         if key not in valid:
             raise ConfigError(f"unknown option '{key}' for stage '{name}'; valid options: {', '.join(valid)}")
     return cls(**options)
+
+
+def order_problem(stage_names: list[str]) -> str | None:
+    """Why these stages cannot run in this order, or None when they can."""
+    stages = registry()
+    for i, name in enumerate(stage_names):
+        cls = stages.get(name)
+        if cls is None:
+            return f"unknown stage '{name}'"
+        earlier = stage_names[:i]
+        for req in cls.requires:
+            if req not in earlier:
+                return f"{name} needs {req} before it"
+        for later in cls.precedes:
+            if later in earlier:
+                return f"{name} must run before {later}"
+    if "range_setting" not in stage_names:
+        return "no range_setting stage: nothing would be quantized"
+    return None
 
 
 # ------------------------------------------------------------------ pipeline

@@ -1,0 +1,109 @@
+"""The runner on the tiny use case, in-process: results, resume, caching, failures."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tinyptq.ablate.grid import Grid
+from tinyptq.ablate.runner import run_grid
+from tinyptq.ablate.store import ResultStore
+
+
+def _run(grid: dict, out, **kw):
+    stream = io.StringIO()
+    summary = run_grid(Grid.from_dict(grid), out, workers=1, stream=stream, **kw)
+    return summary, stream.getvalue()
+
+
+def test_every_grid_point_is_stored_with_its_measures(tiny_grid, tmp_path):
+    summary, log = _run(tiny_grid, tmp_path)
+    assert summary.counts == {"done": 8, "failed": 0, "skipped": 0} and summary.ran == 8
+    rows = ResultStore(tmp_path).rows()
+    assert len(rows) == 8
+    for row in rows:
+        assert row["metric"] == "accuracy" and row["fp32"] == 100.0
+        assert 0.0 <= row["value"] <= 100.0 and row["delta"] == pytest.approx(row["value"] - 100.0)
+        assert row["bops"] < row["fp32_bops"] and row["weight_bytes"] < row["fp32_weight_bytes"]
+        assert "range_setting" in row["stage_seconds"]
+    by_bits = {(r["weight_bits"], r["label"]): r for r in rows}
+    lab = "cle=off range_setting.weights=minmax"
+    assert by_bits[(4, lab)]["bops"] == pytest.approx(by_bits[(8, lab)]["bops"] / 2)
+    assert by_bits[(4, lab)]["weight_bytes"] < by_bits[(8, lab)]["weight_bytes"]
+    assert log.count("[done]") == 8
+
+
+def test_rerun_skips_finished_runs_and_keeps_their_rows(tiny_grid, tmp_path):
+    _run(tiny_grid, tmp_path)
+    before = {r["run_id"]: r for r in ResultStore(tmp_path).rows()}
+    summary, log = _run(tiny_grid, tmp_path)
+    assert summary.ran == 0 and summary.reused == 8 and "[done]" not in log
+    after = {r["run_id"]: r for r in ResultStore(tmp_path).rows()}
+    assert after == before
+
+
+def test_cached_prefixes_give_the_same_numbers_as_a_plain_pipeline(tiny_grid, tmp_path):
+    from tinyptq import api
+
+    _run(tiny_grid, tmp_path)
+    rows = ResultStore(tmp_path).rows()
+    row = next(
+        r
+        for r in rows
+        if r["weight_bits"] == 4 and r["label"] == "cle=on range_setting.weights=mse"
+    )
+    assert row["extras"]["cached_stages"] == 2  # bn_folding + cle came from the cache
+    spec = {
+        "quant": {"weight_bits": 4, "act_bits": 8, "weight_per_channel": False},
+        "stages": [
+            "bn_folding",
+            "cle",
+            {"range_setting": {"weights": "mse", "activations": "minmax"}},
+        ],
+    }
+    direct = api.quantize("tiny-test", spec, calib_samples=16, seed=0)
+    assert row["value"] == direct.summary["quantized"]
+    assert row["weight_bytes"] == direct.summary["weight_bytes"]
+
+
+def test_shared_work_is_computed_once(tiny_grid, tmp_path):
+    _run(tiny_grid, tmp_path)
+    cache = tmp_path / "cache"
+    # FP32 once; prefixes [bn_folding] and [bn_folding, cle] once each;
+    # activation statistics once per graph state (with / without CLE), for both bit-widths
+    assert len(list((cache / "fp32").glob("*.pkl"))) == 1
+    assert len(list((cache / "prefix").glob("*.pkl"))) == 2
+    assert len(list((cache / "act_statistics").glob("*.pkl"))) == 2
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_grid, tmp_path):
+    tiny_grid["use_cases"] = ["tiny-test", "tiny-nan"]
+    tiny_grid["toggles"] = {"range_setting": ["off", "on"]}
+    summary, log = _run(tiny_grid, tmp_path)
+    assert summary.counts == {"done": 2, "failed": 2, "skipped": 4}
+    failed = ResultStore(tmp_path).rows(status="failed")
+    assert {r["use_case"] for r in failed} == {"tiny-nan"}
+    assert all(r["error"] == "tiny-nan calibration data contains 1 NaN/Inf values" for r in failed)
+    skipped = ResultStore(tmp_path).rows(status="skipped")
+    assert all("no range_setting" in r["error"] for r in skipped)
+    assert "[failed] tiny-nan" in log
+
+    # failed runs are kept on resume unless asked to retry
+    assert _run(tiny_grid, tmp_path)[0].ran == 0
+    assert _run(tiny_grid, tmp_path, retry_failed=True)[0].ran == 2
+
+
+def test_same_seed_same_numbers(tiny_grid, tmp_path):
+    _run(tiny_grid, tmp_path / "a")
+    _run(tiny_grid, tmp_path / "b")
+
+    def measures(out):
+        return {
+            r["run_id"]: (r["value"], r["extras"]["output SQNR vs FP32 (dB)"])
+            for r in ResultStore(out).rows()
+        }
+
+    a, b = measures(tmp_path / "a"), measures(tmp_path / "b")
+    assert a == b
+    assert len({round(sqnr, 6) for _, sqnr in a.values()}) == 8  # every configuration differs

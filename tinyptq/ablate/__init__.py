@@ -1,0 +1,1 @@
+"""Ablation runner: grid files, caching, executors, results store, report."""

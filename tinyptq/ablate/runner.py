@@ -1,0 +1,186 @@
+"""The ablation runner: expand a grid, skip what is finished, run the rest, store every row.
+
+Grid points whose toggles resolve to the same computation form one task; the
+planner marks stage prefixes that several tasks share so the workers cache
+them. Results are written to the store one transaction per finished task, so a
+killed grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from tinyptq.ablate.executors import make_executor
+from tinyptq.ablate.grid import Grid, Run
+from tinyptq.ablate.store import ResultStore
+from tinyptq.ablate.worker import Task
+from tinyptq.cache import content_hash
+from tinyptq.pipeline import create_stage
+
+
+@dataclass
+class GridSummary:
+    """What a grid run did: counts per status, this time and in total."""
+
+    total: int
+    ran: int = 0
+    reused: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    def text(self) -> str:
+        """'128 runs: 120 done, 2 failed, 6 skipped (100 run now, 28 already stored)'."""
+        parts = ", ".join(f"{self.counts.get(s, 0)} {s}" for s in ("done", "failed", "skipped"))
+        return f"{self.total} runs: {parts} ({self.ran} run now, {self.reused} already stored)"
+
+
+def plan_tasks(
+    runs: list[Run], cache_dir: Path, data_dir: str | None, log_dir: Path | None
+) -> dict[str, Task]:
+    """One task per distinct configuration, with the stage prefixes worth caching."""
+    runnable = [r for r in runs if r.skip_reason is None]
+    configs = {r.config_hash: r for r in runnable}
+    prefix_users: dict[str, set[str]] = defaultdict(set)
+    prefix_keys: dict[str, list[str]] = {}
+    for h, run in configs.items():
+        keys = _prefix_keys(run)
+        prefix_keys[h] = keys
+        for key in keys:
+            prefix_users[key].add(h)
+    tasks = {}
+    for h, run in configs.items():
+        shared = [k + 1 for k, key in enumerate(prefix_keys[h]) if len(prefix_users[key]) > 1]
+        tasks[h] = Task(
+            config_hash=h,
+            use_case=run.use_case,
+            pipeline=run.pipeline,
+            cache_dir=str(cache_dir),
+            shared_prefixes=shared,
+            data_dir=data_dir,
+            log_dir=str(log_dir) if log_dir else None,
+        )
+    return tasks
+
+
+def _prefix_keys(run: Run) -> list[str]:
+    """A key per stage prefix (1..n stages) saying what that prefix computes."""
+    stages = [create_stage(name, opts) for s in run.pipeline["stages"] for name, opts in s.items()]
+    quant = run.pipeline["quant"]
+    keys, uses_quant = [], False
+    for k, stage in enumerate(stages, start=1):
+        uses_quant = uses_quant or stage.uses_quant_config
+        head = [[s.name, s.get_params()] for s in stages[:k]]
+        keys.append(
+            content_hash(
+                run.use_case, run.calib_samples, run.seed, head, quant if uses_quant else None
+            )
+        )
+    return keys
+
+
+def describe(runs: list[Run], statuses: dict[str, str] | None = None) -> list[str]:
+    """One line per run for --dry-run: status, use case, bits, toggles, skip reason."""
+    statuses = statuses or {}
+    lines = []
+    for r in runs:
+        state = statuses.get(r.run_id) or ("skip" if r.skip_reason else "todo")
+        reason = f"  ({r.skip_reason})" if r.skip_reason else ""
+        lines.append(
+            f"{r.run_id}  {state:7s} {r.use_case:10s} {r.bits.text:22s} calib {r.calib_samples:<5d}"
+            f" seed {r.seed:<3d} {r.label}{reason}"
+        )
+    return lines
+
+
+def _row(run: Run, grid: Grid, result: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        "run_id": run.run_id,
+        "config_hash": run.config_hash,
+        "grid": grid.name,
+        "label": run.label,
+        "use_case": run.use_case,
+        "weight_bits": run.bits.weight_bits,
+        "act_bits": run.bits.act_bits,
+        "granularity": run.bits.granularity,
+        "calib_samples": run.calib_samples,
+        "seed": run.seed,
+        "toggles": run.toggles,
+        "pipeline": run.pipeline["stages"],
+    }
+    row.update(result)
+    return row
+
+
+def run_grid(
+    grid: Grid,
+    out_dir: str | Path,
+    workers: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    data_dir: str | Path | None = None,
+    retry_failed: bool = False,
+    progress: bool = True,
+    stream: TextIO | None = None,
+) -> GridSummary:
+    """Run every grid point not yet in OUT_DIR's store; return the counts."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    stream = stream or sys.stderr
+    runs = grid.expand()
+    store = ResultStore(out_dir)
+    store.set_meta("grid", grid.to_dict())
+    store.set_meta("grid_name", grid.name)
+    store.set_meta("run_ids", [r.run_id for r in runs])
+    statuses = store.statuses()
+    finished = {"done", "skipped"} | (set() if retry_failed else {"failed"})
+
+    for run in runs:  # incompatible stage combinations: recorded, never run
+        if run.skip_reason and statuses.get(run.run_id) != "skipped":
+            store.put(_row(run, grid, {"status": "skipped", "error": run.skip_reason}))
+    todo = [r for r in runs if r.skip_reason is None and statuses.get(r.run_id) not in finished]
+    summary = GridSummary(total=len(runs), reused=len(runs) - len(todo))
+    tasks = plan_tasks(
+        runs, out_dir / "cache", str(data_dir) if data_dir else None, out_dir / "logs"
+    )
+    by_config: dict[str, list[Run]] = defaultdict(list)
+    for run in todo:
+        by_config[run.config_hash].append(run)
+    pending = [tasks[h] for h in by_config]
+
+    counts: Counter = Counter()
+    bar = tqdm(
+        total=len(runs),
+        initial=summary.reused,
+        desc=f"ablate {grid.name}",
+        unit="run",
+        file=stream,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for task, result in make_executor(executor, workers, address).run(pending):
+            for run in by_config[task.config_hash]:
+                store.put(_row(run, grid, result))
+            counts[result["status"]] += len(by_config[task.config_hash])
+            summary.ran += len(by_config[task.config_hash])
+            bar.update(len(by_config[task.config_hash]))
+            bar.set_postfix_str(f"done {counts['done']} failed {counts['failed']}", refresh=False)
+            bar.write(_result_line(by_config[task.config_hash][0], result), file=stream)
+    finally:
+        bar.close()
+    summary.counts = store.counts()
+    summary.out_dir = out_dir
+    return summary
+
+
+def _result_line(run: Run, result: dict[str, Any]) -> str:
+    head = f"[{result['status']}] {run.use_case} {run.bits.text} {run.label}"
+    if result["status"] != "done":
+        return f"{head}: {result.get('error', '')}"
+    unit = result.get("metric_unit") or ""
+    return f"{head}: {result['metric']} {result['value']:.2f}{' ' + unit if unit else ''} ({result['seconds']:.1f} s)"

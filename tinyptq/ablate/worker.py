@@ -1,0 +1,198 @@
+"""What a worker process does with one task: run a pipeline, measure, report back.
+
+A worker keeps each use case's model, evaluation set and calibration sets in
+memory between tasks. Work shared by several tasks goes through the grid's disk
+cache: the FP32 metric once per use case, and the PTQ state after each stage
+prefix the planner marked as shared (e.g. bn_folding + cle), keyed by the
+content of model, calibration data, stages with options and, when a stage in
+the prefix depends on them, the quantization settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tinyptq.ablate.disk_cache import DiskCache, locked
+from tinyptq.errors import TinyPTQError
+
+
+@dataclass
+class Task:
+    """One distinct configuration to compute (several grid points may share it)."""
+
+    config_hash: str
+    use_case: str
+    pipeline: dict[str, Any]  # PipelineSpec.to_dict() with bits and calibration filled in
+    cache_dir: str
+    shared_prefixes: list[int] = field(default_factory=list)  # stage counts worth caching
+    data_dir: str | None = None
+    model: str | None = None
+    log_dir: str | None = None
+    threads: int | None = None
+
+
+_MEMO: dict[Any, Any] = {}  # per-process: use cases, graphs, evaluation and calibration data
+
+
+def init_worker(threads: int | None) -> None:
+    """Process initializer: TensorFlow threads per worker (before TF runs anything)."""
+    if threads:
+        os.environ["TINYPTQ_WORKER_THREADS"] = str(threads)
+
+
+def _set_threads() -> None:
+    threads = int(os.environ.get("TINYPTQ_WORKER_THREADS", "0"))
+    if threads and not _MEMO.get("threads_set"):
+        from tinyptq._tf import tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:
+            pass  # TF already running in this process
+        _MEMO["threads_set"] = True
+
+
+def execute(task: Task) -> dict[str, Any]:
+    """Run one task; failures come back as a result with status 'failed' and the error."""
+    start = time.perf_counter()
+    if task.threads:
+        os.environ["TINYPTQ_WORKER_THREADS"] = str(task.threads)
+    try:
+        _set_threads()
+        result = _run(task)
+        result["status"] = "done"
+    except TinyPTQError as exc:
+        result = {"status": "failed", "error": str(exc)}
+    except Exception as exc:  # one bad configuration must not stop the grid
+        lines = str(exc).strip().splitlines()
+        result = {
+            "status": "failed",
+            "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300],
+        }
+        _write_log(task, traceback.format_exc())
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _write_log(task: Task, text: str) -> None:
+    if task.log_dir:
+        path = Path(task.log_dir) / f"{task.config_hash}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _array_key(x) -> str:
+    return hashlib.sha256(memoryview(x.tobytes())).hexdigest()[:16] + str(x.shape)
+
+
+def _use_case(task: Task):
+    from tinyptq.models.usecases import get_use_case
+
+    key = ("uc", task.use_case, task.data_dir, task.model, task.cache_dir)
+    if key not in _MEMO:
+        uc = get_use_case(task.use_case, task.data_dir)
+        # one worker prepares a missing model (e.g. trains kws) while the others wait
+        with locked(Path(task.cache_dir) / f"prepare-{task.use_case}.lock"):
+            graph = uc.load_graph(task.model)
+        data = uc.eval_set()
+        graph.check_input(data.x, f"{uc.name} evaluation data")
+        fingerprint = graph.fingerprint()
+        fp32 = DiskCache(task.cache_dir, scope=(fingerprint, _array_key(data.x))).get_or_compute(
+            "fp32", task.use_case, lambda: _fp32(uc, graph, data)
+        )
+        _MEMO[key] = (uc, graph, fingerprint, data, fp32)
+    return _MEMO[key]
+
+
+def _fp32(uc, graph, data) -> dict[str, Any]:
+    scores = graph.predict(data.x)
+    return {"scores": scores, "metric": uc.metric(data, scores, scores)}
+
+
+def _calibration(task: Task, uc, graph, n: int, seed: int):
+    key = ("calib", task.use_case, task.data_dir, n, seed)
+    if key not in _MEMO:
+        calib = uc.calibration_data(n, seed)
+        graph.check_input(calib, f"{uc.name} calibration data")
+        _MEMO[key] = (calib, _array_key(calib))
+    return _MEMO[key]
+
+
+def _run(task: Task) -> dict[str, Any]:
+    from tinyptq.metrics import bops, weight_bytes
+    from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+    from tinyptq.sim import QuantSim
+
+    uc, base_graph, fingerprint, data, fp32 = _use_case(task)
+    spec = PipelineSpec.from_dict(task.pipeline)
+    stages = spec.build()
+    config = spec.quant_config()
+    seed = int(spec.calibration.get("seed", 0))
+    calib, calib_key = _calibration(task, uc, base_graph, int(spec.calibration["samples"]), seed)
+    cache = DiskCache(task.cache_dir, scope=(fingerprint, calib_key))
+
+    def prefix_key(k: int) -> Any:
+        head = stages[:k]
+        quant = config.to_dict() if any(s.uses_quant_config for s in head) else None
+        return [[s.name, s.get_params()] for s in head], quant, seed
+
+    state = PTQState(graph=base_graph.copy(), config=config, calib=calib, seed=seed, cache=cache)
+    done = 0
+    prefixes = sorted(k for k in task.shared_prefixes if 0 < k <= len(stages))
+    stored = [k for k in prefixes if cache.exists("prefix", prefix_key(k))]
+    if stored:  # start from the longest prefix already computed
+        done = stored[-1]
+        state = _resume(cache.get_or_compute("prefix", prefix_key(done), lambda: None), state)
+    for k in (k for k in prefixes if k > done):
+        start_state, first = state, done
+
+        def compute(start_state=start_state, first=first, k=k) -> Any:
+            return _snapshot(Pipeline(stages[first:k]).run(start_state))
+
+        state = _resume(cache.get_or_compute("prefix", prefix_key(k), compute), state)
+        done = k
+    state = Pipeline(stages[done:]).run(state)
+
+    sim = QuantSim(state)
+    quant = uc.metric(data, sim.predict(data.x), fp32["scores"])
+    ref = fp32["metric"]
+    q_bops, f_bops = bops(state.graph, state.weight_encodings, state.act_encodings)
+    return {
+        "metric": quant.name,
+        "metric_unit": quant.unit,
+        "value": float(quant.value),
+        "fp32_metric": ref.name,
+        "fp32": float(ref.value),
+        "delta": float(quant.value - ref.value) if quant.name == ref.name else None,
+        "extras": {**{k: float(v) for k, v in quant.extras.items()}, "cached_stages": done},
+        "weight_bytes": weight_bytes(state.graph, state.weight_encodings),
+        "fp32_weight_bytes": base_graph.param_count() * 4,
+        "bops": q_bops,
+        "fp32_bops": f_bops,
+        "stage_seconds": state.stage_seconds(),
+    }
+
+
+def _snapshot(state):
+    """A state fit for the disk: own graph copy, no calibration array, no cache handle."""
+    return state.evolve(copy_graph=True, calib=None, cache=None)
+
+
+def _resume(snapshot, current):
+    """The cached state with this run's quantization settings, calibration data and cache.
+
+    The prefix key covers the settings only when a stage in the prefix used
+    them; the run's own settings always apply from here on.
+    """
+    if snapshot is None:
+        raise RuntimeError("stage cache entry vanished while in use")
+    return snapshot.evolve(
+        copy_graph=True, config=current.config, calib=current.calib, cache=current.cache
+    )
