@@ -170,6 +170,7 @@ class BiasCorrection(Stage):
     """Subtract the expected per-channel output error of quantized weights from the biases."""
 
     name = "bias_correction"
+    requires = ("range_setting",)
 
     def __init__(self, method: str = "empirical", batch_size: int = 128) -> None:
         if method not in METHODS:

@@ -94,6 +94,8 @@ class BNFolding(Stage):
     """Fold batch norms into the preceding Conv2D / DepthwiseConv2D / Dense."""
 
     name = "bn_folding"
+    precedes = ("range_setting",)
+    uses_quant_config = False
 
     def __init__(self, log_skipped: bool = True) -> None:
         self.log_skipped = bool(log_skipped)

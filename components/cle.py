@@ -248,6 +248,8 @@ class CrossLayerEqualization(Stage):
     """Rescale consecutive layers' channels so that per-tensor weight grids fit all channels."""
 
     name = "cle"
+    precedes = ("range_setting",)
+    uses_quant_config = False
 
     def __init__(
         self, tolerance: float = 1e-4, max_iterations: int = 1000, high_bias_absorption: bool = False

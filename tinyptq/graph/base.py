@@ -32,6 +32,22 @@ class QuantLayer:
     activation: str | None  # fused activation after it: "relu", "relu6" or None
 
 
+@dataclass
+class OnnxView:
+    """The graph as a float ONNX model, with where tinyptq's names live in it.
+
+    The exporters insert QuantizeLinear/DequantizeLinear around these tensors
+    and replace these initializers with integer ones, so the file they write
+    quantizes exactly the points the simulation does.
+    """
+
+    model: Any  # onnx.ModelProto, float, takes the same input layout as the graph
+    tensors: dict[str, str]  # activation point name -> ONNX tensor name
+    kernels: dict[str, str]  # quantizable layer -> kernel initializer name
+    kernel_perms: dict[str, tuple[int, ...]]  # layer -> permutation from graph kernel to ONNX layout
+    biases: dict[str, str]  # quantizable layer -> bias initializer name (layers with a bias)
+
+
 @dataclass(frozen=True)
 class ActPoint:
     """An activation tensor quantized in the deployed model (named by its producer)."""
@@ -123,6 +139,14 @@ class ModelGraph(ABC):
     @abstractmethod
     def fingerprint(self) -> str:
         """A content hash of structure and weights (for caching)."""
+
+    def layer_macs(self) -> dict[str, int]:
+        """Multiply-accumulates per quantizable layer for one input sample (for BOPs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count MACs")
+
+    def to_onnx(self, opset: int = 17) -> OnnxView:
+        """The graph as it is now as a float ONNX model (see OnnxView)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be written as ONNX")
 
     # ------------------------------------------------------------ conveniences
     def check_input(self, x: np.ndarray, what: str = "input data") -> None:

@@ -199,6 +199,16 @@ class KerasGraph(ModelGraph):
     def param_count(self) -> int:
         return int(sum(w.size for n in self._nodes.values() for w in n.weights))
 
+    def layer_macs(self) -> dict[str, int]:
+        # every output position of a conv / depthwise / dense layer uses each kernel value once
+        model = self.float_model()
+        macs = {}
+        for layer in self.quant_layers():
+            shape = model.get_layer(layer.name).output_shape
+            positions = int(np.prod([d for d in shape[1:-1]], dtype=np.int64)) if len(shape) > 2 else 1
+            macs[layer.name] = positions * int(self.node(layer.name).weights[0].size)
+        return macs
+
 
 # ----------------------------------------------------------------- helpers
 def _sequential_to_functional(model: Any) -> Any:
