@@ -20,25 +20,20 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
+from tinyptq.components.cle import constant_input_response, input_channels
 from tinyptq.errors import ConfigError
-from tinyptq.graph.base import ModelGraph, QuantLayer
+from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.sim import QuantSim
 
 METHODS = ("empirical", "analytical")
 
-# Layers between a batch norm's activation and the next layer that keep the
-# per-channel mean (zero padding only at the borders, ignored as for 'same'
-# padding; Flatten / Reshape keep channel-last order, so the mean is tiled).
-_MEAN_PRESERVING = {
-    "Dropout",
-    "SpatialDropout2D",
-    "Flatten",
-    "Reshape",
-    "AveragePooling2D",
-    "GlobalAveragePooling2D",
-    "ZeroPadding2D",
-}
+# Operations (ModelGraph.op_type) between a batch norm's activation and the
+# next layer that keep the per-channel mean (zero padding only at the borders,
+# ignored as for 'same' padding; Flatten / Reshape keep the channel order).
+_MEAN_PRESERVING = {"dropout", "flatten", "reshape", "avg_pool", "global_avg_pool", "pad"}
+_ACTIVATIONS = {"relu", "relu6", "identity"}
+_LAYERS = {"conv", "depthwise", "dense"}
 
 
 # ------------------------------------------------------------ closed forms
@@ -61,61 +56,54 @@ def activation_mean(mu: np.ndarray, sigma: np.ndarray, activation: str | None) -
     return mean
 
 
-def weight_error_shift(kind: str, delta_w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
-    """(W_q - W) E[x] per output channel, for Keras kernel layouts."""
-    if kind == "dense":  # (in, out)
-        return mean_x @ delta_w
-    summed = delta_w.sum(axis=(0, 1))  # spatial taps see the same E[x_c]
-    if kind == "depthwise":  # (in, mult): output channel c * mult + m
-        return (summed * mean_x[:, None]).reshape(-1)
-    return mean_x @ summed  # conv: (in, out)
+def weight_error_shift(layout: KernelLayout, delta_w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """(W_q - W) E[x] per output channel (spatial taps all see the same E[x_c])."""
+    return constant_input_response(layout.to_canonical(delta_w), layout.groups, mean_x)
 
 
-def channel_means(y: np.ndarray) -> tuple[np.ndarray, int]:
-    """Sum over all but the (last, channel) axis, and the number of values summed per channel."""
-    flat = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+def channel_means(y: np.ndarray, axis: int = -1) -> tuple[np.ndarray, int]:
+    """Sum over all but the channel axis, and the number of values summed per channel."""
+    y = np.moveaxis(np.asarray(y, np.float64), axis, -1)
+    flat = y.reshape(-1, y.shape[-1])
     return flat.sum(axis=0), flat.shape[0]
 
 
 # -------------------------------------------------------- analytical E[x]
-def _bn_source(graph: Any, state: PTQState, src: str) -> tuple[dict | None, str | None, str]:
-    """Walk back from a layer input to its batch norm: (stats, activation, reason when none)."""
-    from tinyptq.graph.keras_topology import COMPUTE, relu_kind  # node types: Keras adapter only
-
+def _bn_source(graph: ModelGraph, state: PTQState, src: str) -> tuple[dict | None, str | None, str, str]:
+    """Walk back from a layer input to its batch norm: (stats, activation, reason when none, node)."""
     act, seen_act = None, False
     while True:
-        node = graph.node(src)
-        kind = relu_kind(node)
-        linear = node.class_name == "Activation" and node.config.get("activation") in (None, "linear")
-        if node.class_name in _MEAN_PRESERVING and not seen_act:
-            src = node.inputs[0]
-        elif (kind is not None or linear) and not seen_act:
-            act, seen_act, src = kind, True, node.inputs[0]
-        elif node.class_name == "BatchNormalization":
-            return graph.bn_params(src), act, ""
-        elif node.class_name in COMPUTE:
+        op = graph.op_type(src)
+        if op in _MEAN_PRESERVING and not seen_act:
+            src = graph.inputs_of(src)[0]
+        elif op in _ACTIVATIONS and not seen_act:
+            act, seen_act, src = (None if op == "identity" else op), True, graph.inputs_of(src)[0]
+        elif op == "batch_norm":
+            return graph.bn_params(src), act, "", src
+        elif op == "input":
+            return None, None, "reads the model input (no BN statistics)", src
+        elif op in _LAYERS:
             stats = state.bn_stats.get(src)
             reason = f"input from '{src}' has no BN statistics"
-            return (stats, act, "") if stats is not None else (None, None, reason)
+            return (stats, act, "", src) if stats is not None else (None, None, reason, src)
         else:
-            return None, None, f"input from {node.class_name} '{src}' (no BN statistics)"
+            return None, None, f"input from {op} '{src}' (no BN statistics)", src
 
 
 def analytical_input_mean(graph: ModelGraph, state: PTQState, layer: QuantLayer) -> tuple[np.ndarray | None, str]:
     """E[x] per input channel of ``layer`` from upstream BN statistics, or None and why not."""
-    if not hasattr(graph, "node"):
-        return None, "graph does not expose its nodes (analytical needs the Keras adapter)"
-    src = graph.node(layer.name).inputs[0]
-    if graph.node(src).class_name == "InputLayer":
-        return None, "reads the model input (no BN statistics)"
-    stats, act, reason = _bn_source(graph, state, src)
+    stats, act, reason, end = _bn_source(graph, state, graph.inputs_of(layer.name)[0])
     if stats is None:
         return None, reason
     mean = activation_mean(np.asarray(stats["beta"]), np.asarray(stats["gamma"]), act)
-    need = graph.kernel(layer.name).shape[-2 if layer.kind != "dense" else 0]
+    layout = graph.kernel_layout(layer.name)
+    need = input_channels(layout.to_canonical(graph.kernel(layer.name)), layout.groups)
     if need % mean.size:
         return None, f"{need} input channels do not fit {mean.size} BN channels"
-    return np.tile(mean, need // mean.size), ""  # channel-last flatten: channel varies fastest
+    # a flattened tensor: channels vary fastest when they are last, slowest when first
+    if graph.tensor_channel_axis(end) == -1:
+        return np.tile(mean, need // mean.size), ""
+    return np.repeat(mean, need // mean.size), ""
 
 
 # --------------------------------------------------------- empirical E[y_q]
@@ -137,8 +125,9 @@ class QuantProbe:
     def mean(self, name: str) -> np.ndarray:
         """E[y_q] per output channel of layer ``name`` over the calibration data."""
         total, count = 0.0, 0
+        axis = self.state.graph.tensor_channel_axis(name)
         for y in self._batches(name):
-            s, n = channel_means(y)
+            s, n = channel_means(y, axis)
             total, count = total + s, count + n
         return total / count
 
@@ -215,9 +204,10 @@ class BiasCorrection(Stage):
         """Per-channel means of the float outputs of ``names`` over the calibration data."""
         sums: dict[str, np.ndarray] = {}
         count: dict[str, int] = {}
+        axes = {name: state.graph.tensor_channel_axis(name) for name in names}
         for batch in state.graph.iterate(state.calib, names, self.batch_size):
             for name in names:
-                s, n = channel_means(batch[name])
+                s, n = channel_means(batch[name], axes[name])
                 sums[name] = sums.get(name, 0) + s
                 count[name] = count.get(name, 0) + n
         return {name: sums[name] / count[name] for name in names}
@@ -233,7 +223,7 @@ class BiasCorrection(Stage):
                 skipped[ql.name] = reason
                 continue
             delta = kernels[ql.name].astype(np.float64) - graph.kernel(ql.name)
-            shifts[ql.name] = weight_error_shift(ql.kind, delta, mean_x)
+            shifts[ql.name] = weight_error_shift(graph.kernel_layout(ql.name), delta, mean_x)
         for name, shift in shifts.items():  # biases do not enter E[x], so order does not matter
             _shift_bias(graph, name, shift)
         return shifts

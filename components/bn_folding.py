@@ -31,19 +31,17 @@ from tinyptq.pipeline import PTQState, Stage, register
 
 
 # ------------------------------------------------------- per-channel layout
-def output_channels(layer: QuantLayer, kernel: np.ndarray) -> int:
-    """Number of output channels of a kernel in Keras layout (depthwise: in * multiplier)."""
-    if layer.kind == "depthwise":  # (kh, kw, in, multiplier)
-        return int(kernel.shape[2] * kernel.shape[3])
-    return int(kernel.shape[-1])  # conv (kh, kw, in, out), dense (in, out)
+# Kernels are handled in the canonical layout (out, in // groups, *taps) of
+# tinyptq.graph.base.KernelLayout, so the same maths serves Keras and ONNX.
+def output_channels(kernel: np.ndarray) -> int:
+    """Number of output channels of a canonical kernel."""
+    return int(kernel.shape[0])
 
 
-def scale_output_channels(layer: QuantLayer, kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The kernel with output channel c multiplied by ``scale[c]`` (Keras layout)."""
+def scale_output_channels(kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The canonical kernel with output channel c multiplied by ``scale[c]``."""
     scale = np.asarray(scale, np.float64)
-    if layer.kind == "depthwise":  # output channel c * multiplier + m
-        return kernel * scale.reshape(kernel.shape[2], kernel.shape[3])
-    return kernel * scale
+    return kernel * scale.reshape(-1, *([1] * (kernel.ndim - 1)))
 
 
 def require_no_encodings(state: PTQState, stage: str) -> None:
@@ -55,13 +53,9 @@ def require_no_encodings(state: PTQState, stage: str) -> None:
         )
 
 
-def unfolded_batch_norms(graph: ModelGraph) -> list[str] | None:
-    """Names of the batch-norm nodes in the graph, or None when the adapter cannot list them."""
-    # ModelGraph has no node-type query; the Keras adapter exposes its nodes.
-    nodes = getattr(graph, "nodes", None)
-    if nodes is None:
-        return None
-    return [n.name for n in nodes if getattr(n, "class_name", "") == "BatchNormalization"]
+def unfolded_batch_norms(graph: ModelGraph) -> list[str]:
+    """Names of the batch-norm nodes still in the graph."""
+    return graph.batch_norm_names()
 
 
 # ------------------------------------------------------------------ folding
@@ -70,14 +64,17 @@ def fold_bn(graph: ModelGraph, layer: QuantLayer) -> dict[str, Any] | str:
     assert layer.bn is not None
     p = graph.bn_params(layer.bn)
     gamma, beta, mean, var = (np.asarray(p[k], np.float64) for k in ("gamma", "beta", "mean", "var"))
-    kernel = graph.kernel(layer.name).astype(np.float64)
-    n_out = output_channels(layer, kernel)
+    original = graph.kernel(layer.name)
+    layout = graph.kernel_layout(layer.name)
+    kernel = layout.to_canonical(original.astype(np.float64))
+    n_out = output_channels(kernel)
     if gamma.shape != (n_out,):
         return f"{layer.bn}: {gamma.size} BN channels do not match {n_out} outputs of '{layer.name}'"
     k = gamma / np.sqrt(var + float(p["epsilon"]))
     bias = graph.bias(layer.name)
     bias = np.zeros(n_out) if bias is None else bias.astype(np.float64)
-    graph.set_kernel(layer.name, scale_output_channels(layer, kernel, k).astype(np.float32))
+    folded = layout.from_canonical(scale_output_channels(kernel, k), original.shape)
+    graph.set_kernel(layer.name, folded.astype(np.float32))
     graph.set_bias(layer.name, ((bias - mean) * k + beta).astype(np.float32))
     graph.remove_node(layer.bn)
     return {
@@ -118,9 +115,7 @@ class BNFolding(Stage):
             state.bn_stats[layer.name] = result
         left = unfolded_batch_norms(graph)
         lines = [f"folded {len(folded)} batch norms into their layers"]
-        if left is None:
-            lines.append("this graph adapter cannot list batch norms: unfoldable ones are not reported")
-        elif left:
+        if left:
             lines.append(f"{len(left)} batch norms stay in float (not directly after a layer): {', '.join(left)}")
         if self.log_skipped:
             lines += [f"not folded: {r}" for r in reasons]

@@ -40,7 +40,7 @@ from tinyptq.components.bn_folding import (
     scale_output_channels,
 )
 from tinyptq.errors import ConfigError
-from tinyptq.graph.base import ModelGraph, QuantLayer
+from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
 from tinyptq.pipeline import PTQState, Stage, register
 
 # A channel whose weight range is below this fraction of its layer's largest is
@@ -62,39 +62,39 @@ class CLEPair:
 
 
 # ------------------------------------------------------------------ layout
-def input_channels(layer: QuantLayer, kernel: np.ndarray) -> int:
-    """Number of input channels of a kernel in Keras layout."""
-    return int(kernel.shape[0] if layer.kind == "dense" else kernel.shape[2])
+# Kernels in the canonical layout (out, in // groups, *taps) of
+# tinyptq.graph.base.KernelLayout: one set of formulas for every backend.
+def _grouped(kernel: np.ndarray, groups: int) -> np.ndarray:
+    """The kernel viewed as (groups, out // groups, in // groups, taps)."""
+    return kernel.reshape(groups, kernel.shape[0] // groups, kernel.shape[1], -1)
 
 
-def output_ranges(layer: QuantLayer, kernel: np.ndarray) -> np.ndarray:
-    """max |W| per output channel (Keras layout; depthwise: channel c * multiplier + m)."""
-    a = np.abs(kernel)
-    if layer.kind == "depthwise":
-        return a.max(axis=(0, 1)).reshape(-1)
-    return a.reshape(-1, a.shape[-1]).max(axis=0)
+def input_channels(kernel: np.ndarray, groups: int) -> int:
+    """Number of input channels of a canonical kernel."""
+    return int(groups * kernel.shape[1])
 
 
-def input_ranges(layer: QuantLayer, kernel: np.ndarray) -> np.ndarray:
-    """max |W| per input channel (Keras layout)."""
-    a = np.abs(kernel)
-    return a.max(axis=1) if layer.kind == "dense" else a.max(axis=(0, 1, 3))
+def output_ranges(kernel: np.ndarray) -> np.ndarray:
+    """max |W| per output channel."""
+    return np.abs(kernel).reshape(kernel.shape[0], -1).max(axis=1)
 
 
-def scale_input_channels(layer: QuantLayer, kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def input_ranges(kernel: np.ndarray, groups: int) -> np.ndarray:
+    """max |W| per input channel."""
+    return np.abs(_grouped(kernel, groups)).max(axis=(1, 3)).reshape(-1)
+
+
+def scale_input_channels(kernel: np.ndarray, groups: int, scale: np.ndarray) -> np.ndarray:
     """The kernel with input channel i multiplied by ``scale[i]``."""
-    scale = np.asarray(scale, np.float64)
-    return kernel * (scale[:, None] if layer.kind == "dense" else scale[None, None, :, None])
+    s = np.asarray(scale, np.float64).reshape(groups, 1, -1, 1)
+    return (_grouped(kernel, groups) * s).reshape(kernel.shape)
 
 
-def constant_input_response(layer: QuantLayer, kernel: np.ndarray, c: np.ndarray) -> np.ndarray:
+def constant_input_response(kernel: np.ndarray, groups: int, c: np.ndarray) -> np.ndarray:
     """The layer's output (bias excluded) for an input constant ``c`` per channel, ignoring padding."""
-    if layer.kind == "dense":
-        return c @ kernel
-    taps = kernel.sum(axis=(0, 1))  # (in, out) or (in, multiplier)
-    if layer.kind == "depthwise":
-        return (taps * c[:, None]).reshape(-1)
-    return c @ taps
+    taps = _grouped(kernel, groups).sum(axis=3)  # (groups, out // groups, in // groups)
+    c = np.asarray(c, np.float64).reshape(groups, -1)
+    return np.einsum("goi,gi->go", taps, c).reshape(-1)
 
 
 # ------------------------------------------------------------------- pairs
@@ -108,8 +108,8 @@ def _sole_reader(graph: ModelGraph, start: str, layer_names: set[str], points: s
         cur = readers[0]
         if cur in layer_names:
             return cur
-        if cur in points:  # a requantized node (Add, pooling, ...) in between
-            return None
+        if cur in points or graph.op_type(cur) == "transpose":
+            return None  # a requantized node (Add, pooling, ...) or moved channels in between
     return None
 
 
@@ -129,41 +129,52 @@ def cle_pairs(graph: ModelGraph) -> list[CLEPair]:
         second = _sole_reader(graph, end, set(layers), set(points))
         if second is None:
             continue
-        n_out = output_channels(first, graph.kernel(first.name))
-        if n_out == input_channels(layers[second], graph.kernel(second)):
+        n_out = output_channels(_canonical(graph, first.name))
+        if n_out == input_channels(_canonical(graph, second), graph.kernel_layout(second).groups):
             pairs.append(CLEPair(first, layers[second]))
     return pairs
+
+
+def _canonical(graph: ModelGraph, layer: str) -> np.ndarray:
+    """The layer's kernel in the canonical layout (float64)."""
+    return graph.kernel_layout(layer).to_canonical(graph.kernel(layer).astype(np.float64))
 
 
 # -------------------------------------------------------------- equalizing
 @dataclass
 class _Weights:
-    """float64 working copies of the kernels and biases CLE rewrites."""
+    """float64 working copies of the kernels (canonical layout) and biases CLE rewrites."""
 
     kernels: dict[str, np.ndarray]
     biases: dict[str, np.ndarray | None]
+    groups: dict[str, int]
+    layouts: dict[str, tuple[KernelLayout, tuple[int, ...]]]  # layout and graph shape, to write back
 
     @classmethod
     def read(cls, graph: ModelGraph, pairs: list[CLEPair]) -> _Weights:
         """Copies of every layer in ``pairs``."""
         names = {q.name for p in pairs for q in (p.first, p.second)}
         biases = {n: graph.bias(n) for n in names}
+        layouts = {n: (graph.kernel_layout(n), graph.kernel(n).shape) for n in names}
         return cls(
-            {n: graph.kernel(n).astype(np.float64) for n in names},
+            {n: _canonical(graph, n) for n in names},
             {n: None if b is None else b.astype(np.float64) for n, b in biases.items()},
+            {n: lay.groups for n, (lay, _) in layouts.items()},
+            layouts,
         )
 
     def write(self, graph: ModelGraph) -> None:
         """Store the rewritten kernels and biases in the graph."""
         for name, kernel in self.kernels.items():
-            graph.set_kernel(name, kernel.astype(np.float32))
+            layout, shape = self.layouts[name]
+            graph.set_kernel(name, layout.from_canonical(kernel, shape).astype(np.float32))
             if self.biases[name] is not None:
                 graph.set_bias(name, self.biases[name].astype(np.float32))
 
 
-def dead_channels(layer: QuantLayer, kernel: np.ndarray) -> np.ndarray:
+def dead_channels(kernel: np.ndarray) -> np.ndarray:
     """Output channels whose weights are numerically zero next to the layer's largest channel."""
-    r = output_ranges(layer, kernel)
+    r = output_ranges(kernel)
     return r <= DEAD_RANGE * r.max()
 
 
@@ -173,24 +184,24 @@ def zero_dead_inputs(w: _Weights, pair: CLEPair) -> int:
     if a.activation != "relu":
         return 0
     bias = w.biases[a.name]
-    zero = dead_channels(a, w.kernels[a.name]) & ((bias <= 0) if bias is not None else True)
-    w.kernels[b.name] = scale_input_channels(b, w.kernels[b.name], np.where(zero, 0.0, 1.0))
+    zero = dead_channels(w.kernels[a.name]) & ((bias <= 0) if bias is not None else True)
+    w.kernels[b.name] = scale_input_channels(w.kernels[b.name], w.groups[b.name], np.where(zero, 0.0, 1.0))
     return int(zero.sum())
 
 
 def equalize_pair(w: _Weights, pair: CLEPair) -> np.ndarray:
     """Rescale one pair so that its channel ranges meet; the scales s (layer1 divided by s)."""
     a, b = pair.first, pair.second
-    r1 = output_ranges(a, w.kernels[a.name])
-    r2 = input_ranges(b, w.kernels[b.name])
+    r1 = output_ranges(w.kernels[a.name])
+    r2 = input_ranges(w.kernels[b.name], w.groups[b.name])
     # a dead layer1 channel outputs its (ReLU'd) bias: growing it would only inflate that constant
-    ok = ~dead_channels(a, w.kernels[a.name]) & (r2 > 0)
+    ok = ~dead_channels(w.kernels[a.name]) & (r2 > 0)
     s = np.ones_like(r1)
     s[ok] = np.sqrt(r1[ok] / r2[ok])
-    w.kernels[a.name] = scale_output_channels(a, w.kernels[a.name], 1.0 / s)
+    w.kernels[a.name] = scale_output_channels(w.kernels[a.name], 1.0 / s)
     if w.biases[a.name] is not None:
         w.biases[a.name] = w.biases[a.name] / s
-    w.kernels[b.name] = scale_input_channels(b, w.kernels[b.name], s)
+    w.kernels[b.name] = scale_input_channels(w.kernels[b.name], w.groups[b.name], s)
     return s
 
 
@@ -198,7 +209,7 @@ def equalize(
     w: _Weights, pairs: list[CLEPair], tolerance: float, max_iterations: int
 ) -> tuple[list[np.ndarray], int, float]:
     """Sweep the pairs until max |log s| < tolerance: cumulative scales, sweeps, last max |log s|."""
-    total = [np.ones(output_channels(p.first, w.kernels[p.first.name])) for p in pairs]
+    total = [np.ones(output_channels(w.kernels[p.first.name])) for p in pairs]
     worst, sweeps = np.inf, 0
     while worst >= tolerance and sweeps < max_iterations:
         sweeps, worst = sweeps + 1, 0.0
@@ -217,7 +228,7 @@ def absorb_high_bias(w: _Weights, pair: CLEPair, stats: dict[str, Any]) -> np.nd
     if w.biases[a.name] is None or not np.any(c > 0):
         return np.zeros_like(c)
     w.biases[a.name] = w.biases[a.name] - c
-    shift = constant_input_response(b, w.kernels[b.name], c)
+    shift = constant_input_response(w.kernels[b.name], w.groups[b.name], c)
     base = w.biases[b.name]
     w.biases[b.name] = shift if base is None else base + shift
     return c
@@ -233,10 +244,10 @@ def rescaled_stats(stats: dict[str, Any], scale: np.ndarray, absorbed: np.ndarra
 
 def precision(w: _Weights, pairs: list[CLEPair]) -> float:
     """Mean over the pairs' layers of mean(r_c) / max(r_c) over live channels: 1 is ideal."""
-    names = {q.name: q for p in pairs for q in (p.first, p.second)}
+    names = {q.name for p in pairs for q in (p.first, p.second)}
     values = []
-    for name, q in names.items():
-        r = output_ranges(q, w.kernels[name])
+    for name in sorted(names):
+        r = output_ranges(w.kernels[name])
         r = r[r > DEAD_RANGE * r.max()]  # dead channels cost no precision
         values.append(float(r.mean() / r.max()) if r.size and r.max() > 0 else 1.0)
     return float(np.mean(values)) if values else 1.0

@@ -171,7 +171,7 @@ def test_analytical_uses_unfolded_batch_norm_and_skips_layers_after_add():
     out = create_stage("bias_correction", {"method": "analytical"}).apply(state)
     rec = out.log[-1]
     assert list(rec.details["corrections"]) == ["c2"]  # reads ReLU(bn1(c1))
-    assert rec.details["skipped"]["sep_dw"] == "input from Add 'add' (no BN statistics)"
+    assert rec.details["skipped"]["sep_dw"] == "input from add 'add' (no BN statistics)"
     assert "skipped c1: reads the model input (no BN statistics)" in rec.lines
 
 

@@ -48,6 +48,54 @@ class OnnxView:
     biases: dict[str, str]  # quantizable layer -> bias initializer name (layers with a bias)
 
 
+# Framework-neutral operation types (ModelGraph.op_type): stages reason about
+# these, never about Keras class names or ONNX op types.
+OP_TYPES = frozenset(
+    {
+        "input",  # the model input
+        "conv", "depthwise", "dense",  # quantizable layers (QuantLayer.kind)
+        "batch_norm",
+        "relu", "relu6",  # plain ReLU, ReLU6 (clip at 0 and 6)
+        "identity",  # a linear activation: passes values unchanged
+        "dropout",  # inference no-op
+        "flatten", "reshape", "transpose",
+        "max_pool", "avg_pool", "global_avg_pool",
+        "pad",  # zero (or edge) padding
+        "add", "concat", "softmax",
+        "other",  # anything else the adapter runs (requantized, never looked through)
+    }
+)
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel as ``ModelGraph.kernel`` returns it maps to the canonical layout.
+
+    The canonical layout is ``(out_channels, in_channels // groups, *taps)``
+    (ONNX's Conv layout; a dense kernel is ``(out, in)``). Output channel ``o``
+    belongs to group ``o // (out_channels // groups)`` and reads input channels
+    ``g * (in_channels // groups) + j``; a depthwise kernel has ``groups`` equal
+    to its input channels. Stages that scale channels (BN folding, CLE, bias
+    correction) compute in this layout and convert back, whatever the backend.
+    """
+
+    perm: tuple[int, ...]  # transpose of the graph kernel that puts output channels first, then inputs
+    groups: int = 1
+    merge_first_two: bool = False  # the first two transposed axes together are the outputs (Keras depthwise)
+
+    def to_canonical(self, kernel: np.ndarray) -> np.ndarray:
+        """The kernel as ``(out, in // groups, *taps)``."""
+        t = np.transpose(np.asarray(kernel), self.perm)
+        if self.merge_first_two:  # (in, multiplier, taps) -> (in * multiplier, 1, taps): channel c * m + k
+            t = t.reshape(t.shape[0] * t.shape[1], 1, *t.shape[2:])
+        return t
+
+    def from_canonical(self, canonical: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """Back to the graph layout of a kernel of ``shape``."""
+        t = np.reshape(canonical, [shape[p] for p in self.perm])
+        return np.transpose(t, np.argsort(self.perm))
+
+
 @dataclass(frozen=True)
 class ActPoint:
     """An activation tensor quantized in the deployed model (named by its producer)."""
@@ -147,6 +195,27 @@ class ModelGraph(ABC):
     def to_onnx(self, opset: int = 17) -> OnnxView:
         """The graph as it is now as a float ONNX model (see OnnxView)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be written as ONNX")
+
+    # ------------------------------------------------ framework-neutral queries
+    def op_type(self, name: str) -> str:
+        """The node's operation as one of OP_TYPES (the model input is ``"input"``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report operation types")
+
+    def inputs_of(self, name: str) -> list[str]:
+        """Names of the nodes whose outputs node ``name`` reads (data inputs only, in order)."""
+        raise NotImplementedError(f"{type(self).__name__} does not report node inputs")
+
+    def batch_norm_names(self) -> list[str]:
+        """Names of the batch-norm nodes still in the graph."""
+        raise NotImplementedError(f"{type(self).__name__} does not list batch norms")
+
+    def kernel_layout(self, layer: str) -> KernelLayout:
+        """How the layer's kernel maps to the canonical (out, in // groups, *taps) layout."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe kernel layouts")
+
+    def tensor_channel_axis(self, name: str) -> int:
+        """Channel axis of node ``name``'s output tensor: -1 (channels last) or 1 (channels first)."""
+        return -1
 
     # ------------------------------------------------------------ conveniences
     def check_input(self, x: np.ndarray, what: str = "input data") -> None:

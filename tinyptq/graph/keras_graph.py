@@ -19,9 +19,9 @@ import numpy as np
 from tinyptq._tf import keras
 from tinyptq.errors import ModelError
 from tinyptq.graph import keras_build
-from tinyptq.graph.base import ActPoint, ModelGraph, QuantLayer
+from tinyptq.graph.base import ActPoint, KernelLayout, ModelGraph, QuantLayer
 from tinyptq.graph.keras_build import KerasSim, Node, build_keras_model, iter_batches
-from tinyptq.graph.keras_topology import analyse, normalize, topo_sort
+from tinyptq.graph.keras_topology import COMPUTE, analyse, normalize, relu_kind, topo_sort
 from tinyptq.quant import Encoding
 
 
@@ -209,6 +209,40 @@ class KerasGraph(ModelGraph):
             macs[layer.name] = positions * int(self.node(layer.name).weights[0].size)
         return macs
 
+    def to_onnx(self, opset: int = 17) -> Any:
+        """The graph as it is now as a float ONNX model: an OnnxView (see graph.base)."""
+        from tinyptq.graph.keras_onnx import keras_graph_to_onnx
+
+        return keras_graph_to_onnx(self, opset)
+
+    # ------------------------------------------------ framework-neutral queries
+    def op_type(self, name: str) -> str:
+        node = self.node(name)
+        cls = node.class_name
+        if cls in _NEUTRAL_OPS:
+            return _NEUTRAL_OPS[cls]
+        relu = relu_kind(node)
+        if relu is not None:
+            return relu
+        if cls == "Activation":
+            act = node.config.get("activation")
+            return "identity" if act in (None, "linear") else "softmax" if act == "softmax" else "other"
+        return "other"
+
+    def inputs_of(self, name: str) -> list[str]:
+        return list(self.node(name).inputs)
+
+    def batch_norm_names(self) -> list[str]:
+        return [n.name for n in self._nodes.values() if n.class_name == "BatchNormalization"]
+
+    def kernel_layout(self, layer: str) -> KernelLayout:
+        kind = self.quant_layer(layer).kind
+        if kind == "depthwise":  # (kh, kw, in, multiplier): output channel c * multiplier + m
+            return KernelLayout((2, 3, 0, 1), self.node(layer).weights[0].shape[2], merge_first_two=True)
+        if kind == "dense":  # (in, out)
+            return KernelLayout((1, 0))
+        return KernelLayout((3, 2, 0, 1))  # conv (kh, kw, in, out)
+
 
 # ----------------------------------------------------------------- helpers
 def _sequential_to_functional(model: Any) -> Any:
@@ -237,6 +271,26 @@ def _node_from_config(model: Any, entry: dict) -> Node:
             inputs.append(src)
     weights = [np.asarray(w, np.float32) for w in model.get_layer(name).get_weights()]
     return Node(name, entry["class_name"], copy.deepcopy(entry["config"]), inputs, weights)
+
+
+# Keras layer classes -> framework-neutral operation types (ModelGraph.op_type)
+_NEUTRAL_OPS = {
+    **COMPUTE,
+    "InputLayer": "input",
+    "BatchNormalization": "batch_norm",
+    "Softmax": "softmax",
+    "Dropout": "dropout",
+    "SpatialDropout2D": "dropout",
+    "Flatten": "flatten",
+    "Reshape": "reshape",
+    "MaxPooling2D": "max_pool",
+    "GlobalMaxPooling2D": "max_pool",
+    "AveragePooling2D": "avg_pool",
+    "GlobalAveragePooling2D": "global_avg_pool",
+    "ZeroPadding2D": "pad",
+    "Add": "add",
+    "Concatenate": "concat",
+}
 
 
 __all__ = ["KerasGraph", "keras_build"]
