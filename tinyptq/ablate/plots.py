@@ -49,7 +49,7 @@ def metric_vs_bits(sec: Section, granularity: str) -> Figure:
     xs = sorted({(c["weight_bits"], c["act_bits"]) for c in confs})
     rows = list(dict.fromkeys(c["row"] for c in confs))
     # the legend sits right of the axes: a tall legend makes a tall figure
-    fig = Figure(figsize=(4 + 0.9 * len(xs), max(4.2, 1.2 + 0.24 * len(rows))), layout="constrained")
+    fig = Figure(figsize=(11 + 0.9 * len(xs), max(4.2, 1.2 + 0.24 * len(rows))), layout="constrained")
     ax = fig.add_subplot()
     # dodge lines a little so identical results stay visible
     width = min(0.3, 0.04 * (len(rows) - 1))
