@@ -78,17 +78,9 @@ class PTQState:
 
     def quantized_kernels(self) -> dict[str, np.ndarray]:
         """The kernels as the deployed model holds them (float values on their grids)."""
-        kernels = {}
-        for layer in self.graph.quant_layers():
-            enc = self.weight_encodings.get(layer.name)
-            if enc is None:
-                continue
-            fixed = self.fixed_weights.get(layer.name)
-            if fixed is not None:
-                kernels[layer.name] = enc.dequantize(fixed)
-            else:
-                kernels[layer.name] = enc.fake_quant(self.graph.kernel(layer.name))
-        return kernels
+        return {
+            name: self.weight_encodings[name].dequantize(q) for name, q in self.integer_kernels().items()
+        }
 
     def integer_kernels(self) -> dict[str, np.ndarray]:
         """The kernels' integers on their grids (int32, graph layout): what exporters store."""
@@ -215,6 +207,16 @@ def order_problem(stage_names: list[str]) -> str | None:
     return None
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``; ConfigError naming ``what`` when missing or malformed."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 # ------------------------------------------------------------------ pipeline
 _TOP_KEYS = {"name", "description", "quant", "calibration", "stages"}
 _CALIB_KEYS = {"samples", "seed", "batch_size"}
@@ -234,13 +236,7 @@ class PipelineSpec:
     def from_yaml(cls, path: str | Path) -> PipelineSpec:
         """Read and validate a pipeline file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"pipeline file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"pipeline file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data, default_name=path.stem)
+        return cls.from_dict(read_yaml(path, "pipeline file"), default_name=path.stem)
 
     @classmethod
     def from_dict(cls, data: Any, default_name: str = "pipeline") -> PipelineSpec:

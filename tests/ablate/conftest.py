@@ -63,14 +63,13 @@ class TinyNanUseCase(_Tiny):
     nan_calibration = True
 
 
-@pytest.fixture
-def tiny_grid() -> dict:
-    """A 2 bit settings x cle on/off x weights minmax/mse grid on the tiny use case."""
+def grid_dict(use_case: str = "tiny-test", granularity: str = "per_tensor", samples: int = 16) -> dict:
+    """A 2 bit settings x cle on/off x weights minmax/mse grid (8 runs)."""
     return {
-        "name": "tiny",
-        "use_cases": ["tiny-test"],
+        "name": "tiny" if use_case == "tiny-test" else f"{use_case}-small",
+        "use_cases": [use_case],
         "bits": ["W8A8", "W4A8"],
-        "granularity": ["per_tensor"],
+        "granularity": [granularity],
         "pipeline": {
             "stages": [
                 "bn_folding",
@@ -79,6 +78,12 @@ def tiny_grid() -> dict:
             ]
         },
         "toggles": {"cle": ["off", "on"], "range_setting.weights": ["minmax", "mse"]},
-        "calibration": {"samples": [16]},
+        "calibration": {"samples": [samples]},
         "seeds": [0],
     }
+
+
+@pytest.fixture
+def tiny_grid() -> dict:
+    """The 8-run grid on the tiny use case."""
+    return grid_dict()

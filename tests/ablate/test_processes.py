@@ -13,27 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.ablate.conftest import grid_dict
 from tinyptq.ablate.grid import Grid
 from tinyptq.ablate.runner import run_grid
 from tinyptq.ablate.store import ResultStore
 
 pytestmark = pytest.mark.slow
 
-GRID = {
-    "name": "ic-small",
-    "use_cases": ["ic"],
-    "bits": ["W8A8", "W4A8"],
-    "granularity": ["per_channel"],
-    "pipeline": {
-        "stages": [
-            "bn_folding",
-            "cle",
-            {"range_setting": {"weights": "minmax", "activations": "minmax"}},
-        ]
-    },
-    "toggles": {"cle": ["off", "on"], "range_setting.weights": ["minmax", "mse"]},
-    "calibration": {"samples": [32]},
-}
+GRID = grid_dict("ic", "per_channel", samples=32)
 
 
 def _ablate(grid_file: Path, out: Path, data_dir: Path, **popen) -> subprocess.Popen:

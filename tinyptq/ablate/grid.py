@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from sklearn.model_selection import ParameterGrid
 
 from tinyptq.cache import content_hash
 from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError
-from tinyptq.pipeline import PipelineSpec, create_stage, order_problem, registry
+from tinyptq.pipeline import PipelineSpec, create_stage, order_problem, read_yaml, registry
 from tinyptq.quant import check_bits
 
 TOP_KEYS = (
@@ -99,14 +98,7 @@ class Grid:
     def from_yaml(cls, path: str | Path) -> Grid:
         """Read and validate a grid file."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"grid file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(
-                f"grid file {path} is not valid YAML: {str(exc).splitlines()[0]}"
-            ) from None
+        data = read_yaml(path, "grid file")
         return cls.from_dict(data, default_name=path.stem, base_dir=path.parent, source=str(path))
 
     @classmethod
