@@ -26,8 +26,6 @@ class DiskCache(StageCache):
     def __init__(self, root: str | Path, scope: Any = None) -> None:
         self.root = Path(root)
         self.scope = scope
-        self.hits: list[str] = []
-        self.misses: list[str] = []
 
     def path(self, kind: str, key: Any) -> Path:
         """Where the entry (kind, key) lives."""
@@ -43,14 +41,12 @@ class DiskCache(StageCache):
         with locked(path.with_suffix(".lock")):
             value = _read(path)
             if value is not None:
-                self.hits.append(kind)
                 return value
             value = compute()
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
                 pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(tmp, path)
-            self.misses.append(kind)
             return value
 
 

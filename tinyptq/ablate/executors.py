@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from tinyptq.ablate.worker import Task, execute, init_worker
+from tinyptq.ablate.worker import Task, execute
 from tinyptq.errors import ConfigError
 
 EXECUTORS = ("local", "ray")
@@ -42,9 +42,9 @@ class LocalExecutor:
         self.workers = workers
 
     def run(self, tasks: list[Task]) -> Iterator[tuple[Task, dict[str, Any]]]:
-        threads = threads_per_worker(self.workers)
+        for task in tasks:
+            task.threads = task.threads or threads_per_worker(self.workers)
         if self.workers == 1:
-            init_worker(threads)
             for task in tasks:
                 yield task, execute(task)
             return
@@ -52,8 +52,6 @@ class LocalExecutor:
         pool = ProcessPoolExecutor(
             max_workers=min(self.workers, max(1, len(tasks))),
             mp_context=context,
-            initializer=init_worker,
-            initargs=(threads,),
         )
         try:
             pending: dict[Future, Task] = {pool.submit(execute, t): t for t in tasks}

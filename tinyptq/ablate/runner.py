@@ -30,7 +30,6 @@ class GridSummary:
     ran: int = 0
     reused: int = 0
     counts: dict[str, int] = field(default_factory=dict)
-    out_dir: Path | None = None
 
     def text(self) -> str:
         """'128 runs: 120 done, 2 failed, 6 skipped (100 run now, 28 already stored)'."""
@@ -174,7 +173,6 @@ def run_grid(
     finally:
         bar.close()
     summary.counts = store.counts()
-    summary.out_dir = out_dir
     return summary
 
 

@@ -11,7 +11,6 @@ the prefix depends on them, the quantization settings.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -40,14 +39,8 @@ class Task:
 _MEMO: dict[Any, Any] = {}  # per-process: use cases, graphs, evaluation and calibration data
 
 
-def init_worker(threads: int | None) -> None:
-    """Process initializer: TensorFlow threads per worker (before TF runs anything)."""
-    if threads:
-        os.environ["TINYPTQ_WORKER_THREADS"] = str(threads)
-
-
-def _set_threads() -> None:
-    threads = int(os.environ.get("TINYPTQ_WORKER_THREADS", "0"))
+def _set_threads(threads: int | None) -> None:
+    """TensorFlow threads of this worker process (takes effect before TF runs anything)."""
     if threads and not _MEMO.get("threads_set"):
         from tinyptq._tf import tf
 
@@ -62,10 +55,8 @@ def _set_threads() -> None:
 def execute(task: Task) -> dict[str, Any]:
     """Run one task; failures come back as a result with status 'failed' and the error."""
     start = time.perf_counter()
-    if task.threads:
-        os.environ["TINYPTQ_WORKER_THREADS"] = str(task.threads)
     try:
-        _set_threads()
+        _set_threads(task.threads)
         result = _run(task)
         result["status"] = "done"
     except TinyPTQError as exc:
