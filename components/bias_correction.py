@@ -14,15 +14,14 @@ E[y_q - y]; subtracting that shift from the (float) bias removes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from scipy.stats import norm
 
-from tinyptq.components.cle import constant_input_response, input_channels
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
+from tinyptq.kernels import constant_input_response, input_channels
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.sim import QuantSim
 
@@ -107,50 +106,19 @@ def analytical_input_mean(graph: ModelGraph, state: PTQState, layer: QuantLayer)
 
 
 # --------------------------------------------------------- empirical E[y_q]
-class QuantProbe:
-    """Per-channel means of layer outputs in the quantized network, before each layer's own output quantizer.
+def quantized_means(sim: QuantSim, name: str, calib: np.ndarray, batch_size: int) -> np.ndarray:
+    """E[y_q] per output channel of layer ``name`` in the quantized network, before its own output quantizer.
 
     The error to correct is that of the weights and of the upstream network,
-    not the rounding of y itself, so a layer whose output is an activation
-    point is read before its FakeQuant. A Keras simulation is built once and
-    tapped there, bias updates going straight into its variables; other
-    backends get a simulation rebuilt (from the current graph) per layer.
+    not the rounding of y itself, so the layer's raw output is read.
     """
-
-    def __init__(self, state: PTQState, names: list[str], batch_size: int) -> None:
-        self.state, self.batch_size = state, batch_size
-        model = QuantSim(state, outputs=names).model
-        self.keras_model = model if hasattr(model, "get_layer") else None
-
-    def mean(self, name: str) -> np.ndarray:
-        """E[y_q] per output channel of layer ``name`` over the calibration data."""
-        total, count = 0.0, 0
-        axis = self.state.graph.tensor_channel_axis(name)
-        for y in self._batches(name):
-            s, n = channel_means(y, axis)
-            total, count = total + s, count + n
-        return total / count
-
-    def set_bias(self, name: str, bias: np.ndarray) -> None:
-        """Mirror a bias change of the graph in the built simulation."""
-        if self.keras_model is not None:
-            self.keras_model.get_layer(name).bias.assign(np.asarray(bias, np.float32))
-
-    def _batches(self, name: str) -> Iterator[np.ndarray]:
-        """The layer's quantized-network output, batch by batch."""
-        calib, bs = self.state.calib, self.batch_size
-        if self.keras_model is not None:
-            from tinyptq._tf import keras
-            from tinyptq.graph.keras_build import iter_batches
-
-            tap = keras.Model(self.keras_model.inputs, self.keras_model.get_layer(name).output)
-            for (y,) in iter_batches(tap, calib, bs):
-                yield y
-            return
-        acts = {k: v for k, v in self.state.act_encodings.items() if k != name}
-        sim = QuantSim(self.state.evolve(act_encodings=acts), outputs=[name])
-        for start in range(0, len(calib), bs):
-            yield sim.run(calib[start : start + bs], bs)[name]
+    total, count = 0.0, 0
+    axis = sim.state.graph.tensor_channel_axis(name)
+    for start in range(0, len(calib), batch_size):
+        y = sim.run(calib[start : start + batch_size], batch_size, outputs=[name], raw=[name])[name]
+        s, n = channel_means(y, axis)
+        total, count = total + s, count + n
+    return total / count
 
 
 # ------------------------------------------------------------------ stage
@@ -192,12 +160,12 @@ class BiasCorrection(Stage):
         for name in names:  # zero biases first (no change in function), so the sim has them all
             if graph.bias(name) is None:
                 graph.set_bias(name, np.zeros(float_means[name].shape, np.float32))
-        probe = QuantProbe(state, names, self.batch_size)
+        sim = QuantSim(state)  # one simulation; each corrected bias goes straight into it
         shifts = {}
         for name in names:
-            shifts[name] = probe.mean(name) - float_means[name]
+            shifts[name] = quantized_means(sim, name, state.calib, self.batch_size) - float_means[name]
             _shift_bias(graph, name, shifts[name])
-            probe.set_bias(name, graph.bias(name))  # now, so that downstream layers see it
+            sim.set_bias(name, graph.bias(name))  # now, so that downstream layers see it
         return shifts
 
     def _float_means(self, state: PTQState, names: list[str]) -> dict[str, np.ndarray]:

@@ -25,32 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph, QuantLayer
-from tinyptq.pipeline import PTQState, Stage, register
-
-
-# ------------------------------------------------------- per-channel layout
-# Kernels are handled in the canonical layout (out, in // groups, *taps) of
-# tinyptq.graph.base.KernelLayout, so the same maths serves Keras and ONNX.
-def output_channels(kernel: np.ndarray) -> int:
-    """Number of output channels of a canonical kernel."""
-    return int(kernel.shape[0])
-
-
-def scale_output_channels(kernel: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """The canonical kernel with output channel c multiplied by ``scale[c]``."""
-    scale = np.asarray(scale, np.float64)
-    return kernel * scale.reshape(-1, *([1] * (kernel.ndim - 1)))
-
-
-def require_no_encodings(state: PTQState, stage: str) -> None:
-    """Raise ConfigError when ranges were set already (a weight-rewriting stage would void them)."""
-    if state.weight_encodings or state.act_encodings or state.fixed_weights:
-        raise ConfigError(
-            f"{stage} changes weights and activation ranges, so it must run before range_setting; "
-            f"move '{stage}' ahead of range_setting in the pipeline"
-        )
+from tinyptq.kernels import output_channels, scale_output_channels
+from tinyptq.pipeline import PTQState, Stage, register, require_no_encodings
 
 
 def unfolded_batch_norms(graph: ModelGraph) -> list[str]:

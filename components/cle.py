@@ -34,14 +34,19 @@ from typing import Any
 
 import numpy as np
 
-from tinyptq.components.bn_folding import (
-    output_channels,
-    require_no_encodings,
-    scale_output_channels,
-)
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
-from tinyptq.pipeline import PTQState, Stage, register
+from tinyptq.kernels import (
+    canonical_kernel,
+    constant_input_response,
+    input_channels,
+    input_ranges,
+    output_channels,
+    output_ranges,
+    scale_input_channels,
+    scale_output_channels,
+)
+from tinyptq.pipeline import PTQState, Stage, register, require_no_encodings
 
 # A channel whose weight range is below this fraction of its layer's largest is
 # treated as dead: BN folding of a channel that never fired leaves ~1e-30 weights.
@@ -59,42 +64,6 @@ class CLEPair:
     def label(self) -> str:
         """'first -> second' for log lines."""
         return f"{self.first.name} -> {self.second.name}"
-
-
-# ------------------------------------------------------------------ layout
-# Kernels in the canonical layout (out, in // groups, *taps) of
-# tinyptq.graph.base.KernelLayout: one set of formulas for every backend.
-def _grouped(kernel: np.ndarray, groups: int) -> np.ndarray:
-    """The kernel viewed as (groups, out // groups, in // groups, taps)."""
-    return kernel.reshape(groups, kernel.shape[0] // groups, kernel.shape[1], -1)
-
-
-def input_channels(kernel: np.ndarray, groups: int) -> int:
-    """Number of input channels of a canonical kernel."""
-    return int(groups * kernel.shape[1])
-
-
-def output_ranges(kernel: np.ndarray) -> np.ndarray:
-    """max |W| per output channel."""
-    return np.abs(kernel).reshape(kernel.shape[0], -1).max(axis=1)
-
-
-def input_ranges(kernel: np.ndarray, groups: int) -> np.ndarray:
-    """max |W| per input channel."""
-    return np.abs(_grouped(kernel, groups)).max(axis=(1, 3)).reshape(-1)
-
-
-def scale_input_channels(kernel: np.ndarray, groups: int, scale: np.ndarray) -> np.ndarray:
-    """The kernel with input channel i multiplied by ``scale[i]``."""
-    s = np.asarray(scale, np.float64).reshape(groups, 1, -1, 1)
-    return (_grouped(kernel, groups) * s).reshape(kernel.shape)
-
-
-def constant_input_response(kernel: np.ndarray, groups: int, c: np.ndarray) -> np.ndarray:
-    """The layer's output (bias excluded) for an input constant ``c`` per channel, ignoring padding."""
-    taps = _grouped(kernel, groups).sum(axis=3)  # (groups, out // groups, in // groups)
-    c = np.asarray(c, np.float64).reshape(groups, -1)
-    return np.einsum("goi,gi->go", taps, c).reshape(-1)
 
 
 # ------------------------------------------------------------------- pairs
@@ -129,15 +98,10 @@ def cle_pairs(graph: ModelGraph) -> list[CLEPair]:
         second = _sole_reader(graph, end, set(layers), set(points))
         if second is None:
             continue
-        n_out = output_channels(_canonical(graph, first.name))
-        if n_out == input_channels(_canonical(graph, second), graph.kernel_layout(second).groups):
+        n_out = output_channels(canonical_kernel(graph, first.name))
+        if n_out == input_channels(canonical_kernel(graph, second), graph.kernel_layout(second).groups):
             pairs.append(CLEPair(first, layers[second]))
     return pairs
-
-
-def _canonical(graph: ModelGraph, layer: str) -> np.ndarray:
-    """The layer's kernel in the canonical layout (float64)."""
-    return graph.kernel_layout(layer).to_canonical(graph.kernel(layer).astype(np.float64))
 
 
 # -------------------------------------------------------------- equalizing
@@ -157,7 +121,7 @@ class _Weights:
         biases = {n: graph.bias(n) for n in names}
         layouts = {n: (graph.kernel_layout(n), graph.kernel(n).shape) for n in names}
         return cls(
-            {n: _canonical(graph, n) for n in names},
+            {n: canonical_kernel(graph, n) for n in names},
             {n: None if b is None else b.astype(np.float64) for n, b in biases.items()},
             {n: lay.groups for n, (lay, _) in layouts.items()},
             layouts,

@@ -37,7 +37,7 @@ def load_pipeline(pipeline: str | Path | PipelineSpec | dict) -> PipelineSpec:
 def load_calibration(source: str | Path | np.ndarray) -> np.ndarray:
     """Calibration inputs from an array or a .npy file, checked for NaN/Inf."""
     from tinyptq.datasets.base import check_finite
-    from tinyptq.errors import DataError
+    from tinyptq.errors import DataError, first_line
 
     what = "calibration data"
     if not isinstance(source, np.ndarray):
@@ -46,7 +46,7 @@ def load_calibration(source: str | Path | np.ndarray) -> np.ndarray:
         try:
             source = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read {what}: {str(exc).splitlines()[0][:120]}") from None
+            raise DataError(f"cannot read {what}: {first_line(exc, 120)}") from None
     if source.ndim < 2 or len(source) == 0:
         raise DataError(f"{what} must be a non-empty (N, ...) array, got shape {source.shape}")
     return check_finite(np.asarray(source, np.float32), what)

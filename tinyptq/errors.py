@@ -23,3 +23,15 @@ class ModelError(TinyPTQError):
 
 class DataError(TinyPTQError):
     """Missing or malformed dataset, wrong input shape, NaN/Inf in data."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``exc``'s message cut to ``limit`` characters, else its type name.
+
+    Third-party libraries raise messages of many lines (or none); a one-line
+    user message needs just the first meaningful one.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from tinyptq.config import QuantConfig
-from tinyptq.errors import ConfigError
+from tinyptq.errors import ConfigError, first_line
 from tinyptq.graph.base import ModelGraph
 from tinyptq.quant import Encoding
 
@@ -105,6 +105,15 @@ class PTQState:
                 key, n = f"{rec.stage}#{n}", n + 1
             out[key] = round(rec.seconds, 4)
         return out
+
+
+def require_no_encodings(state: PTQState, stage: str) -> None:
+    """Raise ConfigError when ranges were set already (a weight-rewriting stage would void them)."""
+    if state.weight_encodings or state.act_encodings or state.fixed_weights:
+        raise ConfigError(
+            f"{stage} changes weights and activation ranges, so it must run before range_setting; "
+            f"move '{stage}' ahead of range_setting in the pipeline"
+        )
 
 
 class StageCache:
@@ -214,7 +223,7 @@ def read_yaml(path: Path, what: str) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------ pipeline

@@ -234,22 +234,51 @@ class Encoding:
         return f"Encoding({sign}{self.bits}, {'sym' if self.symmetric else 'asym'}, {kind})"
 
 
-def fake_quant_tf(x: Any, scale: Any, zero_point: Any, qmin: int, qmax: int) -> Any:
-    """TF fake-quant with a straight-through gradient; scale / zero point broadcast to x."""
+def fake_quant_tf(x: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any) -> Any:
+    """TF fake-quant, differentiable in ``x`` and ``scale``; scale / zero point broadcast to x.
+
+    The value is bit-identical to :meth:`Encoding.fake_quant`. The gradient in
+    ``x`` is the straight-through estimator (1 inside the grid, 0 where it is
+    clamped); the gradient in ``scale`` is the LSQ one, ``q - zp - x / s``
+    inside the grid and ``qmin - zp`` / ``qmax - zp`` where clamped, summed
+    over the axes ``scale`` is broadcast along. ``qmin`` / ``qmax`` may be
+    tensors (the simulation keeps them in variables).
+    """
     from tinyptq._tf import tf
 
+    x = tf.convert_to_tensor(x, tf.float32)
+    zp = tf.convert_to_tensor(zero_point, tf.float32)
+    lo = tf.cast(qmin, tf.float32)
+    hi = tf.cast(qmax, tf.float32)
+
     @tf.custom_gradient
-    def _fq(v):
-        q = tf.round(v / scale) + zero_point
-        out = (tf.clip_by_value(q, float(qmin), float(qmax)) - zero_point) * scale
+    def _fq(v, s):
+        ratio = v / s
+        q = tf.round(ratio) + zp
+        clipped = tf.clip_by_value(q, lo, hi)
+        out = (clipped - zp) * s
 
         def grad(dy):
-            inside = tf.logical_and(q >= qmin, q <= qmax)
-            return dy * tf.cast(inside, dy.dtype)
+            inside = tf.logical_and(q >= lo, q <= hi)
+            dv = dy * tf.cast(inside, dy.dtype)
+            ds_full = dy * tf.where(inside, clipped - zp - ratio, clipped - zp)
+            return dv, _sum_to(ds_full, s)
 
         return out, grad
 
-    return _fq(tf.convert_to_tensor(x, tf.float32))
+    return _fq(x, tf.convert_to_tensor(scale, tf.float32))
+
+
+def _sum_to(grad: Any, like: Any) -> Any:
+    """``grad`` summed over the axes along which ``like`` was broadcast, shaped as ``like``."""
+    from tinyptq._tf import tf
+
+    rank = len(like.shape)
+    if rank == 0:
+        return tf.reduce_sum(grad)
+    lead = len(grad.shape) - rank
+    axes = list(range(lead)) + [lead + i for i, d in enumerate(like.shape) if d == 1]
+    return tf.reshape(tf.reduce_sum(grad, axis=axes, keepdims=True), tf.shape(like))
 
 
 def _ndim(x: Any) -> int:

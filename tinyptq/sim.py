@@ -1,37 +1,89 @@
-"""QuantSim: the fake-quantized model of a PTQState, for evaluation and for stages.
+"""QuantSim: the fake-quantized model of a PTQState, changeable in place.
 
-It is built from the graph and the state's encodings only (never from the
-model file), so it is exactly what the exporters write out.
+It is the executor (tinyptq.executor: one TF program of the neutral graph, for
+Keras and ONNX models alike) loaded with the state's kernels and encodings, so
+it is exactly what the exporters write out. Quantizers, kernels and biases can
+be changed without a rebuild::
+
+    sim = QuantSim(state)
+    sim.disable("conv2d_3", kind="weight")          # that layer's kernel in float
+    sim.set_encoding("conv2d_3", enc, kind="weight")
+    sim.enable("conv2d_3", kind="weight")
+    sim.set_bias("conv2d_3", new_bias)
+    y = sim.predict(x)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 
 from tinyptq.errors import ConfigError
+from tinyptq.executor import ACTIVATION, WEIGHT, Executor, Quantizer
 from tinyptq.pipeline import PTQState
+from tinyptq.quant import Encoding
 
 
 class QuantSim:
     """Fake-quantized model: kernels on their grids, activations quantized at every point."""
 
-    def __init__(self, state: PTQState, outputs: list[str] | None = None) -> None:
+    def __init__(self, state: PTQState, outputs: Sequence[str] | None = None) -> None:
         if not state.act_encodings and not state.weight_encodings:
             raise ConfigError("the pipeline set no encodings: add a range_setting stage")
         self.state = state
-        self._impl = state.graph.build_sim(state.quantized_kernels(), state.act_encodings, outputs)
+        self.outputs = list(outputs or state.graph.output_names)
+        self.executor = Executor(state.graph)
+        fixed = state.integer_kernels() if state.fixed_weights else {}
+        for layer, enc in state.weight_encodings.items():
+            if layer in state.fixed_weights:  # the stored rounding, on its grid (quantizing it again is exact)
+                self.executor.set_kernel(layer, enc.dequantize(fixed[layer]))
+            self.set_encoding(layer, enc, WEIGHT)
+            self.enable(layer, WEIGHT)
+        for point, enc in state.act_encodings.items():
+            self.set_encoding(point, enc, ACTIVATION)
+            self.enable(point, ACTIVATION)
 
-    @property
-    def model(self):
-        """The underlying framework model (a tf_keras Model for Keras graphs)."""
-        return getattr(self._impl, "model", self._impl)
-
+    # -------------------------------------------------------------- running
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Simulated (quantized) output for ``x``."""
-        self.state.graph.check_input(x)
-        return self._impl.predict(np.asarray(x, np.float32), batch_size)
+        """Simulated (quantized) first output for ``x``."""
+        return self.run(x, batch_size)[self.outputs[0]]
 
-    def run(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """The requested (quantized) tensors by name, e.g. pre-activation layer outputs."""
+    def run(
+        self, x: np.ndarray, batch_size: int = 256, outputs: Sequence[str] | None = None, raw: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """The requested tensors by name (default: the sim's outputs); ``raw`` ones before their quantizer."""
         self.state.graph.check_input(x)
-        return self._impl.run(np.asarray(x, np.float32), batch_size)
+        return self.executor.run(np.asarray(x, np.float32), outputs or self.outputs, batch_size, raw)
+
+    def function(
+        self, outputs: Sequence[str], inputs: Sequence[str] | None = None, raw: Sequence[str] = ()
+    ) -> Callable[..., list[Any]]:
+        """A differentiable TF function of a sub-graph (see ``Executor.function``)."""
+        return self.executor.function(outputs, inputs, raw)
+
+    # -------------------------------------------------------------- changes
+    def quantizer(self, name: str, kind: str = ACTIVATION) -> Quantizer:
+        """The quantizer of activation point ``name`` (kind "activation") or of layer ``name``'s kernel ("weight")."""
+        return self.executor.quantizer(name, kind)
+
+    def set_encoding(self, name: str, enc: Encoding, kind: str = ACTIVATION) -> None:
+        """Quantize point / kernel ``name`` with ``enc`` from now on."""
+        self.executor.set_encoding(name, enc, kind)
+
+    def enable(self, name: str, kind: str = ACTIVATION) -> None:
+        """Switch one quantizer on."""
+        self.quantizer(name, kind).enable(True)
+
+    def disable(self, name: str, kind: str = ACTIVATION) -> None:
+        """Switch one quantizer off (that tensor in float)."""
+        self.quantizer(name, kind).enable(False)
+
+    def set_kernel(self, layer: str, kernel: np.ndarray) -> None:
+        """Replace a layer's (float) kernel, in the graph's layout; its weight quantizer still applies."""
+        self.executor.set_kernel(layer, kernel)
+
+    def set_bias(self, layer: str, bias: np.ndarray) -> None:
+        """Replace a layer's bias."""
+        self.executor.set_bias(layer, bias)

@@ -107,3 +107,88 @@ def test_same_seed_same_numbers(tiny_grid, tmp_path):
     a, b = measures(tmp_path / "a"), measures(tmp_path / "b")
     assert a == b
     assert len({round(sqnr, 6) for _, sqnr in a.values()}) == 8  # every configuration differs
+
+
+@pytest.fixture
+def config_writer():
+    """A test stage that writes 3-bit weights into the config, as mixed precision will."""
+    from tinyptq.pipeline import _REGISTRY, Stage, register
+
+    class WriteConfig(Stage):
+        name = "test_write_config"
+        precedes = ("range_setting",)
+        uses_quant_config = True
+
+        def __init__(self, weight_bits: int = 3) -> None:
+            self.weight_bits = weight_bits
+
+        def apply(self, state):
+            state = state.evolve()
+            state.config = state.config.replace(weight_bits=self.weight_bits)
+            return state
+
+    assert WriteConfig.name not in _REGISTRY
+    register(WriteConfig)
+    try:
+        yield WriteConfig.name
+    finally:
+        _REGISTRY.pop(WriteConfig.name, None)
+
+
+def test_a_cached_prefix_keeps_the_config_its_stages_wrote(config_writer, tiny_grid, tmp_path):
+    from tinyptq import api
+
+    tiny_grid["bits"] = ["W8A8"]
+    tiny_grid["pipeline"]["stages"] = [
+        "bn_folding",
+        config_writer,
+        {"range_setting": {"weights": "minmax", "activations": "minmax"}},
+    ]
+    tiny_grid["toggles"] = {"range_setting.weights": ["minmax", "mse"]}
+    _run(tiny_grid, tmp_path)
+    assert len(list((tmp_path / "cache" / "prefix").glob("*.pkl"))) == 2
+    (tmp_path / "results.sqlite").unlink()  # a fresh store: both runs now resume from the disk cache
+    summary, _ = _run(tiny_grid, tmp_path)
+    assert summary.counts["done"] == 2
+
+    for row in ResultStore(tmp_path).rows():
+        assert row["extras"]["cached_stages"] == 2
+        weights = row["label"].partition("=")[2]
+        spec = {
+            "quant": {"weight_bits": 8, "act_bits": 8, "weight_per_channel": False},
+            "stages": tiny_grid["pipeline"]["stages"][:2]
+            + [{"range_setting": {"weights": weights, "activations": "minmax"}}],
+        }
+        direct = api.quantize("tiny-test", spec, calib_samples=16, seed=0)
+        assert direct.state.config.weight_bits == 3
+        assert row["weight_bytes"] == direct.summary["weight_bytes"]
+        assert row["value"] == direct.summary["quantized"]
+        sqnr = "output SQNR vs FP32 (dB)"
+        assert row["extras"][sqnr] == pytest.approx(direct.summary["metric_extras"][sqnr])
+
+
+def test_a_prefix_shared_across_bit_widths_takes_each_runs_config(tiny_grid, tmp_path):
+    tiny_grid["toggles"] = {"range_setting.weights": ["minmax", "mse"]}  # cle on: bn_folding + cle shared
+    _run(tiny_grid, tmp_path)
+    (tmp_path / "results.sqlite").unlink()
+    _run(tiny_grid, tmp_path)
+    rows = ResultStore(tmp_path).rows()
+    assert {r["extras"]["cached_stages"] for r in rows} == {2}
+    by_bits = {r["weight_bits"]: r for r in rows if r["label"].endswith("minmax")}
+    assert by_bits[4]["weight_bytes"] < by_bits[8]["weight_bytes"]
+    assert by_bits[4]["bops"] == pytest.approx(by_bits[8]["bops"] / 2)
+
+
+def test_the_planner_shares_prefixes_within_a_use_case_and_calibration_set(tiny_grid, tmp_path):
+    from tinyptq.ablate.runner import plan_tasks
+
+    tiny_grid["use_cases"] = ["tiny-test", "tiny-nan"]
+    tiny_grid["calibration"] = {"samples": [8, 16]}
+    tiny_grid["bits"] = ["W8A8"]
+    del tiny_grid["toggles"]
+    tasks = plan_tasks(Grid.from_dict(tiny_grid).expand(), tmp_path, None, None)
+    assert len(tasks) == 4 and all(t.shared_prefixes == [] for t in tasks.values())
+
+    tiny_grid["bits"] = ["W8A8", "W4A8"]  # bn_folding + cle shared across bit-widths, range_setting not
+    tasks = plan_tasks(Grid.from_dict(tiny_grid).expand(), tmp_path, None, None)
+    assert len(tasks) == 8 and all(t.shared_prefixes == [1, 2] for t in tasks.values())

@@ -259,19 +259,26 @@ def test_sim_quantizes_every_point_bit_exactly(cfg):
     graph = OnnxGraph.from_onnx(tiny_onnx())
     state = create_stage("range_setting").apply(state_of(graph, cfg))
     x = images(16, 5) * 2
-    sim = QuantSim(state, outputs=[p.name for p in graph.act_points()])
-    assert any(n.op_type == "QuantizeLinear" for n in sim.model.graph.node) == (cfg.act_bits <= 8)
+    points = [p.name for p in graph.act_points()]
+    sim = QuantSim(state, outputs=points)
     quantized = sim.run(x, batch_size=5)
     for point, enc in state.act_encodings.items():
-        others = {k: v for k, v in state.act_encodings.items() if k != point}
-        raw = QuantSim(state.evolve(act_encodings=others), outputs=[point]).run(x)[point]
+        raw = sim.run(x, outputs=[point], raw=[point])[point]
         np.testing.assert_array_equal(quantized[point], enc.fake_quant(raw), err_msg=point)
     # and what feeds the first quantizer is the float layer on quantized inputs and kernels
     float_q = graph.copy()
     float_q.set_kernel("c1", state.quantized_kernels()["c1"])
     ref = float_q.run(state.act_encodings["x"].fake_quant(x), ["r1"])["r1"]
-    raw = QuantSim(state.evolve(act_encodings={"x": state.act_encodings["x"]}), outputs=["r1"]).run(x)["r1"]
+    raw = sim.run(x, outputs=["r1"], raw=["r1"])["r1"]
     np.testing.assert_allclose(raw, ref, atol=1e-5)
+    # the onnxruntime QDQ reference computes the same points (float summation order aside)
+    ort = graph.ort_sim(state.quantized_kernels(), state.act_encodings, outputs=points)
+    assert any(n.op_type == "QuantizeLinear" for n in ort.model.graph.node) == (cfg.act_bits <= 8)
+    reference = ort.run(x, batch_size=5)
+    for point in points:
+        step = float(np.max(state.act_encodings[point].scale))
+        assert np.mean(reference[point] != quantized[point]) < 0.01, point
+        np.testing.assert_allclose(reference[point], quantized[point], atol=2 * step + 1e-5, err_msg=point)
 
 
 # ------------------------------------------------------------ edge cases

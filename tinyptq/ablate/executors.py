@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tinyptq.ablate.worker import Task, execute
-from tinyptq.errors import ConfigError
+from tinyptq.errors import ConfigError, first_line
 
 EXECUTORS = ("local", "ray")
 
@@ -114,9 +114,10 @@ class RayExecutor:
                     try:
                         result = ray.get(ref)
                     except Exception as exc:  # a worker crash or a lost node
+                        name, reason = type(exc).__name__, first_line(exc, 200)
                         result = {
                             "status": "failed",
-                            "error": f"ray: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                            "error": f"ray: {name}" if reason == name else f"ray: {name}: {reason}",
                         }
                     yield task, result
         finally:

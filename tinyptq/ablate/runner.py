@@ -16,10 +16,10 @@ from typing import Any, TextIO
 
 from tinyptq.ablate.executors import make_executor
 from tinyptq.ablate.grid import Grid, Run
+from tinyptq.ablate.prefix import prefix_keys
 from tinyptq.ablate.store import ResultStore
 from tinyptq.ablate.worker import Task
-from tinyptq.cache import content_hash
-from tinyptq.pipeline import create_stage
+from tinyptq.pipeline import PipelineSpec
 
 
 @dataclass
@@ -44,15 +44,16 @@ def plan_tasks(
     runnable = [r for r in runs if r.skip_reason is None]
     configs = {r.config_hash: r for r in runnable}
     prefix_users: dict[str, set[str]] = defaultdict(set)
-    prefix_keys: dict[str, list[str]] = {}
+    keys_of: dict[str, list[str]] = {}
     for h, run in configs.items():
-        keys = _prefix_keys(run)
-        prefix_keys[h] = keys
+        # the worker's disk cache tells use cases and calibration sets apart by content
+        keys = prefix_keys(PipelineSpec.from_dict(run.pipeline), scope=(run.use_case, run.calib_samples))
+        keys_of[h] = keys
         for key in keys:
             prefix_users[key].add(h)
     tasks = {}
     for h, run in configs.items():
-        shared = [k + 1 for k, key in enumerate(prefix_keys[h]) if len(prefix_users[key]) > 1]
+        shared = [k + 1 for k, key in enumerate(keys_of[h]) if len(prefix_users[key]) > 1]
         tasks[h] = Task(
             config_hash=h,
             use_case=run.use_case,
@@ -63,22 +64,6 @@ def plan_tasks(
             log_dir=str(log_dir) if log_dir else None,
         )
     return tasks
-
-
-def _prefix_keys(run: Run) -> list[str]:
-    """A key per stage prefix (1..n stages) saying what that prefix computes."""
-    stages = [create_stage(name, opts) for s in run.pipeline["stages"] for name, opts in s.items()]
-    quant = run.pipeline["quant"]
-    keys, uses_quant = [], False
-    for k, stage in enumerate(stages, start=1):
-        uses_quant = uses_quant or stage.uses_quant_config
-        head = [[s.name, s.get_params()] for s in stages[:k]]
-        keys.append(
-            content_hash(
-                run.use_case, run.calib_samples, run.seed, head, quant if uses_quant else None
-            )
-        )
-    return keys
 
 
 def describe(runs: list[Run], statuses: dict[str, str] | None = None) -> list[str]:

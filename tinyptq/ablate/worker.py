@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tinyptq.ablate.disk_cache import DiskCache, locked
-from tinyptq.errors import TinyPTQError
+from tinyptq.ablate.prefix import prefix_keys, uses_quant_config
+from tinyptq.errors import TinyPTQError, first_line
 
 
 @dataclass
@@ -62,11 +63,9 @@ def execute(task: Task) -> dict[str, Any]:
     except TinyPTQError as exc:
         result = {"status": "failed", "error": str(exc)}
     except Exception as exc:  # one bad configuration must not stop the grid
-        lines = str(exc).strip().splitlines()
-        result = {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300],
-        }
+        name, reason = type(exc).__name__, first_line(exc, 300)
+        error = name if reason == name else f"{name}: {reason}"
+        result = {"status": "failed", "error": error[:300]}
         _write_log(task, traceback.format_exc())
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
@@ -128,26 +127,23 @@ def _run(task: Task) -> dict[str, Any]:
     seed = int(spec.calibration.get("seed", 0))
     calib, calib_key = _calibration(task, uc, base_graph, int(spec.calibration["samples"]), seed)
     cache = DiskCache(task.cache_dir, scope=(fingerprint, calib_key))
-
-    def prefix_key(k: int) -> Any:
-        head = stages[:k]
-        quant = config.to_dict() if any(s.uses_quant_config for s in head) else None
-        return [[s.name, s.get_params()] for s in head], quant, seed
+    keys = prefix_keys(spec)  # keys[k - 1]: the state after the first k stages
 
     state = PTQState(graph=base_graph.copy(), config=config, calib=calib, seed=seed, cache=cache)
     done = 0
     prefixes = sorted(k for k in task.shared_prefixes if 0 < k <= len(stages))
-    stored = [k for k in prefixes if cache.exists("prefix", prefix_key(k))]
+    stored = [k for k in prefixes if cache.exists("prefix", keys[k - 1])]
     if stored:  # start from the longest prefix already computed
         done = stored[-1]
-        state = _resume(cache.get_or_compute("prefix", prefix_key(done), lambda: None), state)
+        snapshot = cache.get_or_compute("prefix", keys[done - 1], lambda: None)
+        state = _resume(snapshot, state, stages[:done])
     for k in (k for k in prefixes if k > done):
         start_state, first = state, done
 
         def compute(start_state=start_state, first=first, k=k) -> Any:
             return _snapshot(Pipeline(stages[first:k]).run(start_state))
 
-        state = _resume(cache.get_or_compute("prefix", prefix_key(k), compute), state)
+        state = _resume(cache.get_or_compute("prefix", keys[k - 1], compute), state, stages[:k])
         done = k
     state = Pipeline(stages[done:]).run(state)
 
@@ -176,14 +172,16 @@ def _snapshot(state):
     return state.evolve(copy_graph=True, calib=None, cache=None)
 
 
-def _resume(snapshot, current):
-    """The cached state with this run's quantization settings, calibration data and cache.
+def _resume(snapshot, current, stages):
+    """The state cached after ``stages``, with this run's calibration data and cache.
 
-    The prefix key covers the settings only when a stage in the prefix used
-    them; the run's own settings always apply from here on.
+    When a stage of the prefix uses the quantization settings, the prefix key
+    covers this run's settings and the cached config is the one those stages
+    left (e.g. per-layer bit-widths a mixed-precision stage wrote): it is kept.
+    Otherwise the snapshot may come from a run at other bit-widths and this
+    run's own config applies.
     """
     if snapshot is None:
         raise RuntimeError("stage cache entry vanished while in use")
-    return snapshot.evolve(
-        copy_graph=True, config=current.config, calib=current.calib, cache=current.cache
-    )
+    config = snapshot.config if uses_quant_config(stages) else current.config
+    return snapshot.evolve(copy_graph=True, config=config, calib=current.calib, cache=current.cache)

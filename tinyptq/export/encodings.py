@@ -30,7 +30,7 @@ from typing import Any
 
 from tinyptq import __version__
 from tinyptq.config import QuantConfig
-from tinyptq.errors import ConfigError
+from tinyptq.errors import ConfigError, first_line
 from tinyptq.graph.base import OnnxView
 from tinyptq.quant import Encoding
 
@@ -103,7 +103,7 @@ def load_encodings(path: str | Path) -> EncodingsFile:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read encodings file {path}: {str(exc).splitlines()[0][:120]}") from None
+        raise ConfigError(f"cannot read encodings file {path}: {first_line(exc, 120)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a tinyptq encodings file (no 'format: {FORMAT}')")
     if int(data.get("format_version", 0)) > FORMAT_VERSION:

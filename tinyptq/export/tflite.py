@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tinyptq._tf import _muted_stderr, keras, tf
-from tinyptq.errors import ConfigError, ModelError
+from tinyptq.errors import ConfigError, ModelError, first_line
 from tinyptq.quant import Encoding
 
 ACT_PREFIX = "tinyptq_act__"
@@ -67,8 +67,7 @@ def tflite_bytes(state: Any) -> bytes:
             warnings.simplefilter("ignore")
             data = converter.convert()
     except Exception as exc:  # the MLIR converter raises its own error types
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"TFLite conversion failed: {reason}") from None
+        raise ModelError(f"TFLite conversion failed: {first_line(exc, 200)}") from None
     return _pin_weights(data, state)
 
 

@@ -9,14 +9,14 @@ it and ask it for float forward passes; they never touch the model file.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tinyptq.errors import DataError
-from tinyptq.quant import Encoding
+from tinyptq.graph.spec import LayerSpec
 
 
 @dataclass(frozen=True)
@@ -162,21 +162,6 @@ class ModelGraph(ABC):
         """Float forward pass over ``x`` in batches, yielding the named tensors per batch."""
 
     @abstractmethod
-    def build_sim(
-        self,
-        weights: dict[str, np.ndarray],
-        act_encodings: dict[str, Encoding],
-        outputs: Sequence[str] | None = None,
-    ) -> Any:
-        """A runnable fake-quantized model with ``predict(x, batch_size)`` and ``run``.
-
-        ``weights`` maps layer names to their (already fake-quantized) kernels;
-        ``act_encodings`` maps activation points to their encodings;
-        ``outputs`` names the tensors it returns (default: the model outputs),
-        so that stages can compare quantized and float intermediate tensors.
-        """
-
-    @abstractmethod
     def copy(self) -> ModelGraph:
         """An independent copy (weights included) that stages may modify."""
 
@@ -197,25 +182,42 @@ class ModelGraph(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot be written as ONNX")
 
     # ------------------------------------------------ framework-neutral queries
+    @abstractmethod
+    def node_names(self) -> list[str]:
+        """Every node (the model input first) in topological order."""
+
+    @abstractmethod
     def op_type(self, name: str) -> str:
         """The node's operation as one of OP_TYPES (the model input is ``"input"``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not report operation types")
 
+    @abstractmethod
     def inputs_of(self, name: str) -> list[str]:
         """Names of the nodes whose outputs node ``name`` reads (data inputs only, in order)."""
-        raise NotImplementedError(f"{type(self).__name__} does not report node inputs")
 
+    @abstractmethod
     def batch_norm_names(self) -> list[str]:
         """Names of the batch-norm nodes still in the graph."""
-        raise NotImplementedError(f"{type(self).__name__} does not list batch norms")
 
+    @abstractmethod
     def kernel_layout(self, layer: str) -> KernelLayout:
         """How the layer's kernel maps to the canonical (out, in // groups, *taps) layout."""
-        raise NotImplementedError(f"{type(self).__name__} does not describe kernel layouts")
 
+    @abstractmethod
     def tensor_channel_axis(self, name: str) -> int:
         """Channel axis of node ``name``'s output tensor: -1 (channels last) or 1 (channels first)."""
-        return -1
+
+    @abstractmethod
+    def layer_spec(self, name: str) -> LayerSpec:
+        """The quantizable layer ``name`` as the executor runs it (canonical kernel, strides, pads...)."""
+
+    @abstractmethod
+    def node_function(self, name: str) -> Callable[[list[Any]], Any]:
+        """A TF callable computing node ``name`` (not the input, not a quantizable layer) from its data inputs.
+
+        It takes the TF tensors of ``inputs_of(name)`` in order and returns the
+        output tensor, differentiably; constants (Add operands, BN parameters,
+        shapes) are inside it.
+        """
 
     # ------------------------------------------------------------ conveniences
     def check_input(self, x: np.ndarray, what: str = "input data") -> None:
@@ -235,6 +237,12 @@ class ModelGraph(ABC):
             if layer.name == name:
                 return layer
         raise KeyError(name)
+
+    def blocks(self) -> list[Block]:  # noqa: F821  (Block lives in blocks.py, imported on use)
+        """The reconstruction units (residual, separable, single layers) in topological order."""
+        from tinyptq.graph.blocks import find_blocks
+
+        return find_blocks(self)
 
     def run(self, x: np.ndarray, outputs: Sequence[str] | None = None, batch_size: int = 128) -> dict[str, np.ndarray]:
         """Float forward pass, all batches concatenated (small data only)."""

@@ -1,8 +1,7 @@
-"""Turning a KerasGraph's nodes back into runnable tf_keras models.
+"""Turning a KerasGraph's nodes back into runnable float tf_keras models.
 
-The float model and the fake-quantized simulation are both rebuilt from the
-same node list; the simulation only differs by kernels (already on the grid)
-and FakeQuant layers after each activation point.
+The fake-quantized simulation is not a Keras model: it is the executor
+(tinyptq.executor), which runs the non-layer nodes through these layers.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from tinyptq._tf import keras, tf
-from tinyptq.quant import Encoding, fake_quant_tf
 
 MERGE_LAYERS = {"Add", "Concatenate", "Multiply", "Subtract", "Average", "Maximum", "Minimum"}
 
@@ -30,39 +28,8 @@ class Node:
     weights: list[np.ndarray] = field(default_factory=list)
 
 
-@keras.utils.register_keras_serializable(package="tinyptq")
-class FakeQuant(keras.layers.Layer):
-    """Fake-quantizes its input with a fixed encoding (tinyptq's shared core)."""
-
-    def __init__(self, encoding: dict, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.encoding_dict = encoding
-        self._enc = Encoding.from_dict(encoding)
-
-    def call(self, inputs: Any) -> Any:
-        """Quantize-dequantize with half-to-even rounding and the STE gradient."""
-        scale, zp = self._enc.tf_params(len(inputs.shape))
-        return fake_quant_tf(inputs, scale, zp, self._enc.qmin, self._enc.qmax)
-
-    def get_config(self) -> dict:
-        """Serializable config (the encoding as plain data)."""
-        return {**super().get_config(), "encoding": self.encoding_dict}
-
-
-def build_keras_model(
-    nodes: Sequence[Node],
-    outputs: Sequence[str],
-    weights: dict[str, list[np.ndarray]] | None = None,
-    act_encodings: dict[str, Encoding] | None = None,
-    name: str = "tinyptq_model",
-) -> Any:
-    """A tf_keras functional model of ``nodes`` with the given outputs.
-
-    ``weights`` replaces the weight lists of some nodes; ``act_encodings`` puts
-    a FakeQuant layer after each named node.
-    """
-    weights = weights or {}
-    act_encodings = act_encodings or {}
+def build_keras_model(nodes: Sequence[Node], outputs: Sequence[str], name: str = "tinyptq_model") -> Any:
+    """A float tf_keras functional model of ``nodes`` with the given outputs."""
     tensors: dict[str, Any] = {}
     inputs = []
     for node in nodes:
@@ -76,39 +43,10 @@ def build_keras_model(
             )
             args = [tensors[i] for i in node.inputs]
             t = layer(args if node.class_name in MERGE_LAYERS else args[0])
-            w = weights.get(node.name, node.weights)
-            if w:
-                layer.set_weights(w)
-        if node.name in act_encodings:
-            enc = act_encodings[node.name]
-            t = FakeQuant(enc.to_dict(), name=f"{node.name}__fq")(t)
+            if node.weights:
+                layer.set_weights(node.weights)
         tensors[node.name] = t
     return keras.Model(inputs, [tensors[o] for o in outputs], name=name)
-
-
-class KerasSim:
-    """A fake-quantized tf_keras model: ``predict`` / ``run`` evaluate it in batches."""
-
-    def __init__(self, model: Any, output_names: Sequence[str]) -> None:
-        self.model = model
-        self.output_names = list(output_names)
-
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """The simulated model's first output for ``x``."""
-        return predict_batches(self.model, x, batch_size)[0]
-
-    def run(self, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """All requested outputs by name."""
-        return dict(zip(self.output_names, predict_batches(self.model, x, batch_size), strict=True))
-
-
-def predict_batches(model: Any, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """All outputs of ``model`` over ``x``, computed batch by batch (graph mode)."""
-    parts: list[list[np.ndarray]] = [[] for _ in model.outputs]
-    for batch in iter_batches(model, x, batch_size):
-        for i, b in enumerate(batch):
-            parts[i].append(b)
-    return [np.concatenate(p, axis=0) for p in parts]
 
 
 def iter_batches(model: Any, x: np.ndarray, batch_size: int):

@@ -20,9 +20,10 @@ from tinyptq._tf import keras
 from tinyptq.errors import ModelError
 from tinyptq.graph import keras_build
 from tinyptq.graph.base import ActPoint, KernelLayout, ModelGraph, QuantLayer
-from tinyptq.graph.keras_build import KerasSim, Node, build_keras_model, iter_batches
-from tinyptq.graph.keras_topology import COMPUTE, analyse, normalize, relu_kind, topo_sort
-from tinyptq.quant import Encoding
+from tinyptq.graph.keras_build import Node, build_keras_model, iter_batches
+from tinyptq.graph.keras_topology import COMPUTE, normalize, relu_kind, topo_sort
+from tinyptq.graph.placement import analyse
+from tinyptq.graph.spec import LayerSpec, same_pads
 
 
 class KerasGraph(ModelGraph):
@@ -80,7 +81,10 @@ class KerasGraph(ModelGraph):
 
     def _analyse(self) -> Any:
         if self._analysis is None or self._analysis[0] != self._version:
-            self._analysis = (self._version, analyse(self.nodes, self._outputs))
+            names = self.node_names()
+            kinds = {n: self.op_type(n) for n in names}
+            inputs = {n: self.inputs_of(n) for n in names}
+            self._analysis = (self._version, analyse(names, kinds, inputs, self._outputs, self._channel_axis))
         return self._analysis[1]
 
     def quant_layers(self) -> list[QuantLayer]:
@@ -158,21 +162,6 @@ class KerasGraph(ModelGraph):
         for batch in iter_batches(model, x, batch_size):
             yield dict(zip(outputs, batch, strict=True))
 
-    def build_sim(
-        self,
-        weights: dict[str, np.ndarray],
-        act_encodings: dict[str, Encoding],
-        outputs: Sequence[str] | None = None,
-    ) -> KerasSim:
-        full = {}
-        for name, kernel in weights.items():
-            w = list(self.node(name).weights)
-            w[0] = kernel
-            full[name] = w
-        names = list(outputs or self._outputs)
-        model = build_keras_model(self.nodes, names, full, act_encodings, name=f"{self.name}_sim")
-        return KerasSim(model, names)
-
     def to_keras(self) -> Any:
         """A fresh float tf_keras model of the graph as it is now."""
         return build_keras_model(self.nodes, self._outputs, name=self.name)
@@ -216,6 +205,9 @@ class KerasGraph(ModelGraph):
         return keras_graph_to_onnx(self, opset)
 
     # ------------------------------------------------ framework-neutral queries
+    def node_names(self) -> list[str]:
+        return list(self._nodes)
+
     def op_type(self, name: str) -> str:
         node = self.node(name)
         cls = node.class_name
@@ -242,6 +234,57 @@ class KerasGraph(ModelGraph):
         if kind == "dense":  # (in, out)
             return KernelLayout((1, 0))
         return KernelLayout((3, 2, 0, 1))  # conv (kh, kw, in, out)
+
+    def tensor_channel_axis(self, name: str) -> int:
+        return -1  # Keras models here are channels-last
+
+    def _channel_axis(self, layer: str) -> int | None:
+        """Output-channel axis of the layer's kernel (None: per-tensor only)."""
+        node = self.node(layer)
+        kernel = node.weights[0]
+        if node.class_name == "DepthwiseConv2D":
+            # (kh, kw, in, multiplier): one output channel per input channel only if multiplier is 1
+            return 2 if kernel.shape[3] == 1 else None
+        return kernel.ndim - 1
+
+    def layer_spec(self, name: str) -> LayerSpec:
+        node = self.node(name)
+        kind = COMPUTE.get(node.class_name)
+        if kind is None:
+            raise KeyError(f"'{name}' ({node.class_name}) is not a quantizable layer")
+        layout = self.kernel_layout(name)
+        kernel = layout.to_canonical(node.weights[0]).astype(np.float32)
+        bias = self.bias(name)
+        if kind == "dense":
+            return LayerSpec(name, kind, kernel, bias)
+        cfg = node.config
+        if cfg.get("data_format") not in (None, "channels_last"):
+            raise ModelError(f"unsupported layer '{name}' ({node.class_name} with data_format={cfg['data_format']})")
+        strides = tuple(int(s) for s in cfg.get("strides", (1, 1)))
+        dilations = tuple(int(d) for d in cfg.get("dilation_rate", (1, 1)))
+        taps = kernel.shape[2:]
+        same = cfg.get("padding", "valid") == "same"
+        if same:
+            size = self.float_model().get_layer(name).input_shape[1:-1]
+            known = None not in size  # a free spatial size: the executor pads as TF's "SAME" does
+            pads = tuple(same_pads(*a) for a in zip(size, taps, strides, dilations, strict=True)) if known else ()
+        elif cfg.get("padding", "valid") == "valid":
+            pads = tuple((0, 0) for _ in taps)
+        else:
+            raise ModelError(f"unsupported layer '{name}' ({node.class_name} with padding={cfg.get('padding')})")
+        return LayerSpec(name, kind, kernel, bias, strides, pads, dilations, layout.groups, True, same)
+
+    def node_function(self, name: str) -> Any:
+        node = self.node(name)
+        if node.class_name == "InputLayer" or node.class_name in COMPUTE:
+            raise KeyError(f"'{name}' ({node.class_name}) is run by the executor itself")
+        layer = self.float_model().get_layer(name)  # built, with this version's weights
+        merge = node.class_name in keras_build.MERGE_LAYERS
+
+        def call(inputs: list[Any]) -> Any:
+            return layer(list(inputs) if merge else inputs[0], training=False)
+
+        return call
 
 
 # ----------------------------------------------------------------- helpers

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tinyptq.errors import ModelError
+from tinyptq.errors import ModelError, first_line
 from tinyptq.graph.base import ModelGraph
 
 KERAS_SUFFIXES = {".h5", ".hdf5", ".keras"}
@@ -25,13 +25,7 @@ def load_keras_model(path: str | Path) -> Any:
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # h5py, protobuf and Keras raise many unrelated types
-        raise ModelError(f"cannot load model {path}: {_reason(exc)}") from None
-
-
-def _reason(exc: Exception) -> str:
-    """The first line of an exception's message (its type when empty)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
+        raise ModelError(f"cannot load model {path}: {first_line(exc, 160)}") from None
 
 
 def load_onnx_model(path: str | Path) -> Any:
@@ -44,11 +38,11 @@ def load_onnx_model(path: str | Path) -> Any:
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError, OSError, external-data errors
-        raise ModelError(f"cannot load model {path}: {_reason(exc)}") from None
+        raise ModelError(f"cannot load model {path}: {first_line(exc, 160)}") from None
     try:
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx.checker.ValidationError and friends
-        raise ModelError(f"invalid ONNX model {path}: {_reason(exc)}") from None
+        raise ModelError(f"invalid ONNX model {path}: {first_line(exc, 160)}") from None
     return model
 
 

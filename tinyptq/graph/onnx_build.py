@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto, helper, numpy_helper
 
-from tinyptq.errors import ModelError
+from tinyptq.errors import ModelError, first_line
 from tinyptq.graph.onnx_topology import OnnxNode
 from tinyptq.quant import Encoding
 
@@ -186,8 +186,7 @@ def make_session(model: ModelProto, optimize: bool = True) -> Any:
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot run the model: {reason}") from None
+        raise ModelError(f"onnxruntime cannot run the model: {first_line(exc, 200)}") from None
 
 
 def run_batches(

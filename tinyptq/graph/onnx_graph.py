@@ -2,11 +2,12 @@
 
 Nodes are named by their ONNX node name (made unique; the output tensor name
 when a node has none) and the model input by its tensor name; a node's name
-stands for its output tensor in ``iterate`` and ``build_sim``. Kernels keep the
+stands for its output tensor in ``iterate`` and ``ort_sim``. Kernels keep the
 ONNX layout: Conv (out, in / group, kh, kw), Gemm as its transB says, MatMul
 (in, out). The input layout is the model's own (NCHW for PyTorch exports,
 NHWC for tf2onnx conversions of Keras models, which transpose inside).
-Float runs and the fake-quantized simulation both go through onnxruntime.
+Float runs go through onnxruntime; the simulation is tinyptq's TF executor
+(``ort_sim`` builds the onnxruntime QDQ reference it is checked against).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from onnx import ModelProto, shape_inference, version_converter
 
-from tinyptq.errors import ModelError
+from tinyptq.errors import ModelError, first_line
 from tinyptq.graph.base import ActPoint, KernelLayout, ModelGraph, OnnxView, QuantLayer
 from tinyptq.graph.onnx_build import (
     OnnxSim,
@@ -30,15 +31,9 @@ from tinyptq.graph.onnx_build import (
     output_info,
     run_batches,
 )
-from tinyptq.graph.onnx_topology import (
-    PARAM_INPUTS,
-    Analysis,
-    OnnxNode,
-    OnnxParts,
-    analyse,
-    op_kind,
-    read_model,
-)
+from tinyptq.graph.onnx_topology import PARAM_INPUTS, OnnxNode, OnnxParts, op_kind, read_model
+from tinyptq.graph.placement import Analysis, analyse
+from tinyptq.graph.spec import LayerSpec, same_pads
 from tinyptq.quant import Encoding
 
 _LAYER_OPS = ("Conv", "Gemm", "MatMul")
@@ -109,6 +104,9 @@ class OnnxGraph(ModelGraph):
     def consumers(self, name: str) -> list[str]:
         return list(self._index()["readers"].get(self._tensor(name), []))
 
+    def node_names(self) -> list[str]:
+        return [self._input.name, *self._nodes]
+
     def op_type(self, name: str) -> str:
         self._tensor(name)  # KeyError for unknown names
         return self._index()["kinds"][name]
@@ -136,6 +134,44 @@ class OnnxGraph(ModelGraph):
 
     def _channel_axis(self, layer: str) -> int:
         return self.kernel_layout(layer).perm[0]
+
+    def layer_spec(self, name: str) -> LayerSpec:
+        node = self._layer(name)
+        layout = self.kernel_layout(name)
+        kernel = layout.to_canonical(self.kernel(name)).astype(np.float32)
+        bias = self.bias(name)
+        kind = self.op_type(name)
+        if node.op_type != "Conv":
+            return LayerSpec(name, kind, kernel, bias)
+        taps = kernel.shape[2:]
+        n = len(taps)
+        strides = tuple(int(v) for v in node.attr("strides", [1] * n))
+        dilations = tuple(int(v) for v in node.attr("dilations", [1] * n))
+        auto_pad = node.attr("auto_pad", "NOTSET")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            size = self._shapes().get(node.inputs[0], [None] * (n + 2))[2:]
+            if len(size) != n or None in size:
+                raise ModelError(f"unsupported ONNX node '{name}' (Conv with auto_pad {auto_pad} on a free size)")
+            pads = tuple(same_pads(*a) for a in zip(size, taps, strides, dilations, strict=True))
+            if auto_pad == "SAME_LOWER":
+                pads = tuple((after, before) for before, after in pads)
+        elif auto_pad == "VALID":
+            pads = tuple((0, 0) for _ in taps)
+        else:
+            flat = [int(v) for v in node.attr("pads", [0] * (2 * n))]
+            pads = tuple((flat[i], flat[i + n]) for i in range(n))
+        return LayerSpec(name, kind, kernel, bias, strides, pads, dilations, layout.groups, channels_last=False)
+
+    def node_function(self, name: str) -> Any:
+        from tinyptq.graph.onnx_tf import node_function
+
+        node = self._node(name)
+        if node.op_type in _LAYER_OPS:
+            raise KeyError(f"'{name}' ({node.op_type}) is run by the executor itself")
+        data = [t for t in node.inputs if t and t not in self._init]
+        shapes = self._shapes()
+        ranks = [len(shapes[t]) if t in shapes else None for t in data]
+        return node_function(node, self._init, data, self._opsets.get("", 0), ranks)
 
     def _node(self, name: str) -> OnnxNode:
         try:
@@ -249,12 +285,18 @@ class OnnxGraph(ModelGraph):
         for batch in run_batches(session, self._input.name, x, tensors, batch_size):
             yield dict(zip(names, batch, strict=True))
 
-    def build_sim(
+    def ort_sim(
         self,
         weights: dict[str, np.ndarray],
         act_encodings: dict[str, Encoding],
         outputs: Sequence[str] | None = None,
     ) -> OnnxSim:
+        """The QDQ reference: QuantizeLinear -> DequantizeLinear after every point, run by onnxruntime.
+
+        Not the simulation (that is tinyptq.sim.QuantSim, for ONNX models too):
+        a check that the TF program and onnxruntime's QDQ arithmetic agree.
+        ``weights`` are kernels already on their grids.
+        """
         init = dict(self._init)
         for layer, kernel in weights.items():
             name = self._layer(layer).inputs[1]
@@ -281,7 +323,7 @@ class OnnxGraph(ModelGraph):
             try:
                 model = version_converter.convert_version(model, opset)
             except Exception as exc:  # the converter raises plain RuntimeErrors
-                reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc, 160)
                 raise ModelError(f"cannot convert '{self.name}' to ONNX opset {opset}: {reason}") from None
         layers = self.quant_layers()
         return OnnxView(

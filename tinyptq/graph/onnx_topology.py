@@ -15,7 +15,6 @@ their input's grid; everything else is requantized.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +22,6 @@ import numpy as np
 from onnx import AttributeProto, ModelProto, ValueInfoProto, helper, numpy_helper
 
 from tinyptq.errors import ModelError
-from tinyptq.graph.base import ActPoint, QuantLayer
 
 # ONNX op -> neutral operation type (Conv, Clip and Pad are decided per node)
 OP_TYPES = {
@@ -54,8 +52,6 @@ OP_TYPES = {
     "Tanh": "other",
     "LeakyRelu": "other",
 }
-LAYER_KINDS = {"conv", "depthwise", "dense"}
-PASS_THROUGH = {"identity", "dropout", "flatten", "reshape", "transpose", "max_pool", "pad"}
 MIN_OPSET = 11  # Clip with min / max inputs, Round; older models: re-export or upgrade
 
 # the initializer inputs that are parameters of each op (counted by param_count, never shared)
@@ -308,80 +304,3 @@ def _scalar(init: dict[str, np.ndarray], name: str) -> float | None:
     if name not in init or init[name].size != 1:
         return float("nan")
     return float(init[name].reshape(-1)[0])
-
-
-# -------------------------------------------------------------- placement
-@dataclass(frozen=True)
-class Analysis:
-    """Quantizable layers and activation points of a graph."""
-
-    layers: tuple[QuantLayer, ...]
-    points: tuple[ActPoint, ...]
-
-
-def analyse(
-    order: list[str],
-    kind: dict[str, str],
-    inputs: dict[str, list[str]],
-    outputs: list[str],
-    channel_axis: Callable[[str], int | None],
-) -> Analysis:
-    """Find quantizable layers, their fused chains and the activation points.
-
-    ``order`` lists node names topologically (the model input first), ``kind``
-    gives their neutral operation types and ``inputs`` their data inputs.
-    """
-    consumers: dict[str, list[str]] = {n: [] for n in order}
-    for n in order:
-        for i in inputs[n]:
-            consumers[i].append(n)
-
-    def fused_into(name: str) -> bool:
-        """Whether the node's output is only read by a follower fused into it."""
-        cons = consumers[name]
-        if len(cons) != 1 or name in outputs:
-            return False
-        nxt, k = cons[0], kind[name]
-        if kind[nxt] == "batch_norm":
-            return k in LAYER_KINDS
-        bn_after_layer = k == "batch_norm" and kind[inputs[name][0]] in LAYER_KINDS
-        return kind[nxt] in ("relu", "relu6") and (k in LAYER_KINDS or k == "add" or bn_after_layer)
-
-    points: dict[str, ActPoint] = {}
-    owner_of: dict[str, str] = {}
-    for n in order:
-        if kind[n] in LAYER_KINDS:
-            owner_of[n] = n
-        elif inputs[n] and inputs[n][0] in owner_of and fused_into(inputs[n][0]):
-            owner_of[n] = owner_of[inputs[n][0]]
-        if kind[n] in PASS_THROUGH or fused_into(n):
-            continue
-        points[n] = ActPoint(n, owner_of.get(n), is_input=kind[n] == "input", is_output=n in outputs)
-
-    layers = []
-    for n in order:
-        if kind[n] not in LAYER_KINDS:
-            continue
-        src = inputs[n][0]
-        while src not in points and kind[src] in PASS_THROUGH:
-            src = inputs[src][0]
-        bn = act = None
-        cur = n
-        while fused_into(cur):
-            cur = consumers[cur][0]
-            if kind[cur] == "batch_norm":
-                bn = cur
-            else:
-                act = kind[cur]
-        layers.append(
-            QuantLayer(
-                name=n,
-                kind=kind[n],
-                channel_axis=channel_axis(n),
-                input_point=src if src in points else None,
-                output_point=cur if cur in points else None,
-                bn=bn,
-                activation=act,
-            )
-        )
-    return Analysis(tuple(layers), tuple(points.values()))
