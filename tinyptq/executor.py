@@ -32,17 +32,21 @@ ACTIVATION, WEIGHT = "activation", "weight"
 class Quantizer:
     """A fake-quantizer whose encoding and enabled flag are TF variables.
 
-    Scale and zero point broadcast along ``channel_axis`` of the tensors it
-    quantizes (per-tensor encodings are scalars); the grid limits are
-    variables too, so that a new bit-width needs no rebuild either.
+    A kernel quantizer (``channels`` given) keeps one scale and zero point per
+    output channel along ``channel_axis`` (a per-tensor encoding is repeated:
+    the same grid, bit for bit); an activation quantizer keeps scalars. The
+    grid limits are variables too, so a new bit-width needs no rebuild either.
+    Variable shapes never change, so gradients flow through the on/off branch.
     """
 
-    def __init__(self, name: str, channel_axis: int) -> None:
+    def __init__(self, name: str, channel_axis: int, channels: int | None = None) -> None:
         self.name = name
         self.channel_axis = channel_axis
+        self.channels = channels
         self.encoding: Encoding | None = None
-        self._scale = tf.Variable(1.0, shape=tf.TensorShape(None), trainable=False, name="scale")
-        self._zero_point = tf.Variable(0.0, shape=tf.TensorShape(None), trainable=False, name="zero_point")
+        shape = () if channels is None else (channels,)
+        self._scale = tf.Variable(np.ones(shape, np.float32), name="scale")  # trainable: learned steps
+        self._zero_point = tf.Variable(np.zeros(shape, np.float32), trainable=False, name="zero_point")
         self._qmin = tf.Variable(0.0, trainable=False, name="qmin")
         self._qmax = tf.Variable(255.0, trainable=False, name="qmax")
         self._enabled = tf.Variable(False, trainable=False, name="enabled")
@@ -57,12 +61,20 @@ class Quantizer:
         """The scale variable (differentiable, e.g. for learned step sizes)."""
         return self._scale
 
-    def set_encoding(self, enc: Encoding, channels: int | None = None) -> None:
+    def set_encoding(self, enc: Encoding) -> None:
         """Use ``enc`` from the next call on (it stays enabled or disabled as it was)."""
-        if enc.per_channel and channels is not None and enc.scale.shape[0] != channels:
-            raise ConfigError(f"encoding of '{self.name}' has {enc.scale.shape[0]} channels, the tensor {channels}")
-        self._scale.assign(enc.scale.astype(np.float32))
-        self._zero_point.assign(enc.zero_point.astype(np.float32))
+        if self.channels is None:
+            if enc.per_channel:
+                raise ConfigError(f"'{self.name}': per-channel activation encodings are not simulated")
+            shape: tuple[int, ...] = ()
+        else:
+            if enc.per_channel and enc.scale.shape[0] != self.channels:
+                raise ConfigError(
+                    f"encoding of '{self.name}' has {enc.scale.shape[0]} channels, the kernel {self.channels}"
+                )
+            shape = (self.channels,)
+        self._scale.assign(np.broadcast_to(enc.scale, shape).astype(np.float32))
+        self._zero_point.assign(np.broadcast_to(enc.zero_point, shape).astype(np.float32))
         self._qmin.assign(float(enc.qmin))
         self._qmax.assign(float(enc.qmax))
         self.encoding = enc
@@ -78,10 +90,14 @@ class Quantizer:
         rank = len(x.shape)
         shape = [1] * rank
         shape[self.channel_axis % rank] = -1
-        scale = tf.reshape(self._scale, shape)
-        zero_point = tf.reshape(self._zero_point, shape)
-        quantized = fake_quant_tf(x, scale, zero_point, self._qmin.read_value(), self._qmax.read_value())
-        return tf.where(self._enabled, quantized, x)
+
+        def quantized() -> Any:
+            scale = tf.reshape(self._scale, shape)
+            zero_point = tf.reshape(self._zero_point, shape)
+            return fake_quant_tf(x, scale, zero_point, self._qmin.read_value(), self._qmax.read_value())
+
+        # a branch, not tf.where: a disabled quantizer costs nothing
+        return tf.cond(self._enabled, quantized, lambda: tf.identity(x))
 
 
 class Executor:
@@ -108,7 +124,8 @@ class Executor:
         self.act_quantizers = {
             p.name: Quantizer(p.name, graph.tensor_channel_axis(p.name)) for p in graph.act_points()
         }
-        self.weight_quantizers = {n: Quantizer(n, 0) for n in self.specs}  # canonical: outputs first
+        # canonical kernels: output channels first
+        self.weight_quantizers = {n: Quantizer(n, 0, s.out_channels) for n, s in self.specs.items()}
         self._compiled: dict[tuple, Any] = {}
 
     # --------------------------------------------------------------- changes
@@ -124,9 +141,7 @@ class Executor:
 
     def set_encoding(self, name: str, enc: Encoding, kind: str = ACTIVATION) -> None:
         """Set the encoding of one quantizer (kernels: per tensor or per output channel)."""
-        q = self.quantizer(name, kind)
-        # per-channel activation encodings run along the tensor's channel axis
-        q.set_encoding(enc, self.specs[name].out_channels if kind == WEIGHT else None)
+        self.quantizer(name, kind).set_encoding(enc)
 
     def set_kernel(self, layer: str, kernel: np.ndarray) -> None:
         """Replace a kernel; ``kernel`` in the graph's layout (as ``graph.kernel`` gives it)."""

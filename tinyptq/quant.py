@@ -273,12 +273,8 @@ def _sum_to(grad: Any, like: Any) -> Any:
     """``grad`` summed over the axes along which ``like`` was broadcast, shaped as ``like``."""
     from tinyptq._tf import tf
 
-    rank = len(like.shape)
-    if rank == 0:
-        return tf.reduce_sum(grad)
-    lead = len(grad.shape) - rank
-    axes = list(range(lead)) + [lead + i for i, d in enumerate(like.shape) if d == 1]
-    return tf.reshape(tf.reduce_sum(grad, axis=axes, keepdims=True), tf.shape(like))
+    _, axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(grad), s1=tf.shape(like))
+    return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(like))
 
 
 def _ndim(x: Any) -> int:
