@@ -11,12 +11,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tinyptq.errors import DataError
 from tinyptq.graph.spec import LayerSpec
+
+if TYPE_CHECKING:  # blocks.py reads graphs through this module's queries
+    from tinyptq.graph.blocks import Block
 
 
 @dataclass(frozen=True)
@@ -238,7 +241,7 @@ class ModelGraph(ABC):
                 return layer
         raise KeyError(name)
 
-    def blocks(self) -> list[Block]:  # noqa: F821  (Block lives in blocks.py, imported on use)
+    def blocks(self) -> list[Block]:
         """The reconstruction units (residual, separable, single layers) in topological order."""
         from tinyptq.graph.blocks import find_blocks
 
