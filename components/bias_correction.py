@@ -22,6 +22,7 @@ from scipy.stats import norm
 from tinyptq.errors import ConfigError
 from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
 from tinyptq.kernels import constant_input_response, input_channels
+from tinyptq.params import BATCH_SIZE, Options
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.sim import QuantSim
 
@@ -129,13 +130,12 @@ class BiasCorrection(Stage):
     name = "bias_correction"
     requires = ("range_setting",)
 
+    parameter_constraints = {"method": Options(*METHODS), "batch_size": BATCH_SIZE}
+
     def __init__(self, method: str = "empirical", batch_size: int = 128) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"unknown bias correction method '{method}'; valid: {', '.join(METHODS)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ConfigError(f"bias_correction batch_size must be a positive integer, got {batch_size!r}")
+        # validated against parameter_constraints before this body runs
         self.method = method
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
 
     def apply(self, state: PTQState) -> PTQState:
         """A new state whose quantized layers have corrected biases (kernels and encodings unchanged)."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from tinyptq.graph.base import ModelGraph, QuantLayer
 from tinyptq.kernels import output_channels, scale_output_channels
+from tinyptq.params import Boolean
 from tinyptq.pipeline import PTQState, Stage, register, require_no_encodings
 
 
@@ -69,10 +70,13 @@ class BNFolding(Stage):
 
     name = "bn_folding"
     precedes = ("range_setting",)
+    batch_norms_only = True
     uses_quant_config = False
 
+    parameter_constraints = {"log_skipped": Boolean()}
+
     def __init__(self, log_skipped: bool = True) -> None:
-        self.log_skipped = bool(log_skipped)
+        self.log_skipped = log_skipped  # a real bool: validated before this body runs
 
     def apply(self, state: PTQState) -> PTQState:
         """A new state whose graph has its foldable BNs folded (the input state is untouched)."""

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 
-from tinyptq.errors import ConfigError
 from tinyptq.graph.base import KernelLayout, ModelGraph, QuantLayer
 from tinyptq.kernels import (
     canonical_kernel,
@@ -46,6 +45,7 @@ from tinyptq.kernels import (
     scale_input_channels,
     scale_output_channels,
 )
+from tinyptq.params import Boolean, Integer, Real
 from tinyptq.pipeline import PTQState, Stage, register, require_no_encodings
 
 # A channel whose weight range is below this fraction of its layer's largest is
@@ -223,19 +223,25 @@ class CrossLayerEqualization(Stage):
     """Rescale consecutive layers' channels so that per-tensor weight grids fit all channels."""
 
     name = "cle"
+    # with batch norms still in the model CLE could equalize only the pairs
+    # without one; on a model without any, bn_folding is not needed (batch_norms_only)
+    requires = ("bn_folding",)
     precedes = ("range_setting",)
     uses_quant_config = False
+
+    parameter_constraints = {
+        "tolerance": Real(0.0, None, lo_open=True),
+        "max_iterations": Integer(1, None),
+        "high_bias_absorption": Boolean(),
+    }
 
     def __init__(
         self, tolerance: float = 1e-4, max_iterations: int = 1000, high_bias_absorption: bool = False
     ) -> None:
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-            raise ConfigError(f"cle tolerance must be positive, got {tolerance!r}")
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ConfigError(f"cle max_iterations must be a positive integer, got {max_iterations!r}")
-        self.tolerance = float(tolerance)
-        self.max_iterations = int(max_iterations)
-        self.high_bias_absorption = bool(high_bias_absorption)
+        # validated against parameter_constraints before this body runs
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self.high_bias_absorption = high_bias_absorption
 
     def split(self, pairs: list[CLEPair]) -> tuple[list[CLEPair], list[str]]:
         """The pairs CLE can equalize, and a reason line for each one it cannot."""

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from tinyptq.errors import ConfigError
 from tinyptq.graph.base import ModelGraph
+from tinyptq.params import BATCH_SIZE, Integer, Optional, Options, Real, validate
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.quant import Encoding
-from tinyptq.ranges import RANGE_METHODS, RangeObserver, check_number, make_observer
+from tinyptq.ranges import RANGE_METHODS, RangeObserver, make_observer
 
 # stage option -> observer option, passed to the methods that take it
 _OBSERVER_OPTIONS = {
@@ -48,6 +48,17 @@ class RangeSetting(Stage):
     """Set weight and activation encodings from observed ranges."""
 
     name = "range_setting"
+    parameter_constraints = {
+        "weights": Options(*sorted(RANGE_METHODS)),
+        "activations": Options(*sorted(RANGE_METHODS)),
+        "batch_size": BATCH_SIZE,
+        "percentile": Real(50.0, 100.0, lo_open=True),
+        "mse_p": Real(0.0, 100.0, lo_open=True),
+        "num_candidates": Integer(1, 100_000),
+        "num_bins": Integer(16, 2**20),
+        # at most num_bins as well: check_params
+        "num_quant_bins": Optional(Integer(2, 2**20)),
+    }
 
     def __init__(
         self,
@@ -60,21 +71,22 @@ class RangeSetting(Stage):
         num_bins: int = 2048,
         num_quant_bins: int | None = None,
     ) -> None:
-        for what, method in (("weights", weights), ("activations", activations)):
-            if method not in RANGE_METHODS:
-                raise ConfigError(
-                    f"unknown range method '{method}' for {what}; valid: {', '.join(sorted(RANGE_METHODS))}"
-                )
+        # validated against parameter_constraints before this body runs
         self.weights = weights
         self.activations = activations
-        self.batch_size = check_number(batch_size, "batch_size", 1, 2**20, integer=True)
-        self.percentile = check_number(percentile, "percentile", 50.0, 100.0, lo_open=True)
-        self.mse_p = check_number(mse_p, "mse_p", 0.0, 100.0, lo_open=True)
-        self.num_candidates = check_number(num_candidates, "num_candidates", 1, 100_000, integer=True)
-        self.num_bins = check_number(num_bins, "num_bins", 16, 2**20, integer=True)
-        if num_quant_bins is not None:
-            num_quant_bins = check_number(num_quant_bins, "num_quant_bins", 2, self.num_bins, integer=True)
+        self.batch_size = batch_size
+        self.percentile = percentile
+        self.mse_p = mse_p
+        self.num_candidates = num_candidates
+        self.num_bins = num_bins
         self.num_quant_bins = num_quant_bins
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """KL's quantized bins cannot outnumber the histogram's bins."""
+        if params.get("num_quant_bins") is not None:
+            validate(cls.name, "num_quant_bins", params["num_quant_bins"], Integer(2, params["num_bins"]))
+        return params
 
     def _observer(self, method: str, axis: int | None = None) -> RangeObserver:
         """An observer for ``method`` with the options of this stage it takes."""

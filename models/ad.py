@@ -38,7 +38,7 @@ from tinyptq.datasets.fsdd import load_fsdd
 from tinyptq.datasets.toyadmos import load_toyadmos, machine_ids
 from tinyptq.errors import DataError
 from tinyptq.frontends import AD_FRAMES, AD_N_MELS, MLPERF_AD_FRAME_RANGE, ad_logmel_clips, read_wav
-from tinyptq.metrics import MetricResult, rank_correlation, roc_auc, sqnr_db
+from tinyptq.metrics import MetricResult, check_reconstruction, rank_correlation, roc_auc, sqnr_db
 from tinyptq.models.usecases import EvalSet, UseCase, register_use_case, seeded_index, seeded_sample
 
 #: Bump when the feature recipe changes so old caches are not reused.
@@ -184,6 +184,7 @@ class AnomalyDetection(UseCase):
     def metric(self, data: EvalSet, scores: np.ndarray, reference: np.ndarray) -> MetricResult:
         """ROC AUC with clip labels; else SQNR vs FP32 (FP32 alone: its reconstruction MSE)."""
         clip = data.extra["clip"]
+        check_reconstruction(data.x, scores, "the anomaly score (reconstruction error)")
         if data.y is not None:
             _, first = np.unique(clip, return_index=True)
             errors = clip_errors(data.x, scores, clip)

@@ -13,7 +13,8 @@ import numpy as np
 from tinyptq import __version__
 from tinyptq.errors import ConfigError
 from tinyptq.metrics import MetricResult, weight_bytes
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.params import CALIB_SAMPLES, SEED, validate
+from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState, order_problem
 from tinyptq.sim import QuantSim
 
 BUILTIN_PIPELINES = Path(__file__).parent / "pipelines"
@@ -45,8 +46,14 @@ def load_calibration(source: str | Path | np.ndarray) -> np.ndarray:
         what = f"calibration data {path}"
         try:
             source = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:
             raise DataError(f"cannot read {what}: {first_line(exc, 120)}") from None
+        if not isinstance(source, np.ndarray):  # an .npz archive holds several arrays
+            names = ", ".join(getattr(source, "files", [])[:5])
+            getattr(source, "close", lambda: None)()
+            raise DataError(f"{what} is an .npz archive ({names}); save the one input array with numpy.save (.npy)")
+    if source.dtype.kind not in "biuf":
+        raise DataError(f"{what} holds {source.dtype} values; calibration inputs must be numbers")
     if source.ndim < 2 or len(source) == 0:
         raise DataError(f"{what} must be a non-empty (N, ...) array, got shape {source.shape}")
     return check_finite(np.asarray(source, np.float32), what)
@@ -66,15 +73,20 @@ def evaluate(use_case: str, data_dir: str | Path | None = None, model: str | Pat
     from tinyptq.models.usecases import get_use_case
 
     uc = get_use_case(use_case, data_dir)
-    return _fp32_baseline(uc, uc.load_graph(model))[2]
+    return _fp32_baseline(uc, uc.load_graph(model), model)[2]
 
 
-def _fp32_baseline(uc, graph):
-    """The evaluation set, the FP32 scores on it and the FP32 metric."""
+def _fp32_baseline(uc, graph, model: str | Path | None):
+    """The evaluation set, the FP32 scores on it and the FP32 metric (before any stage runs)."""
+    from tinyptq.errors import ModelError
+
     data = uc.eval_set()
     graph.check_input(data.x, f"{uc.name} evaluation data")
     scores = graph.predict(data.x)
-    return data, scores, uc.metric(data, scores, scores)
+    try:
+        return data, scores, uc.metric(data, scores, scores)
+    except ModelError as exc:  # the output does not fit the use case's metric: name the model
+        raise ModelError(f"model {model or uc.model_path()} does not fit use case '{uc.name}': {exc}") from None
 
 
 def quantize(
@@ -96,17 +108,26 @@ def quantize(
     spec = load_pipeline(pipeline)
     config = spec.quant_config(weight_bits, act_bits)
     stages = Pipeline.from_spec(spec)
+    # the pipeline's calibration values were validated when it was read; these are the caller's
+    if calib_samples is not None:
+        calib_samples = validate("quantize", "calib_samples", calib_samples, CALIB_SAMPLES)
+    if seed is not None:
+        seed = validate("quantize", "seed", seed, SEED)
+    calib_seed = seed if seed is not None else spec.calibration.get("seed", 0)
     uc = get_use_case(use_case, data_dir)
     graph = uc.load_graph(model)
-    n = int(calib_samples or spec.calibration.get("samples", uc.calibration_size))
-    calib_seed = int(seed if seed is not None else spec.calibration.get("seed", 0))
+    # the whole order, with the rules grids use, before any stage runs
+    problem = order_problem([s.name for s in stages.stages], batch_norms=bool(graph.batch_norm_names()))
+    if problem is not None:
+        raise ConfigError(f"pipeline '{spec.name}' cannot run: {problem}")
+    n = calib_samples if calib_samples is not None else spec.calibration.get("samples", uc.calibration_size)
     if calib_data is not None:
         calib = load_calibration(calib_data)
-        calib = calib[:calib_samples] if calib_samples else calib
+        calib = calib[:calib_samples] if calib_samples is not None else calib
     else:
         calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
-    data, fp32_scores, fp32 = _fp32_baseline(uc, graph)
+    data, fp32_scores, fp32 = _fp32_baseline(uc, graph, model)
     fp32_bytes = graph.param_count() * 4
 
     state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)
@@ -145,13 +166,18 @@ def quantize(
 
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
-    """Write summary.json atomically into ``out_dir``."""
+    """Write summary.json atomically into ``out_dir`` (ConfigError in one line when it cannot)."""
+    from tinyptq.paths import write_error
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
-    tmp.replace(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(summary, indent=2, default=_jsonable))
+        tmp.replace(path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     return path
 
 

@@ -1,7 +1,9 @@
 """The cache directory for what tinyptq produces itself (trained models, features, results).
 
 ``$TINYPTQ_CACHE_DIR`` if set, else the per-user cache directory. Nothing in
-it is precious: deleting it only costs recomputation.
+it is precious: deleting it only costs recomputation (its ``signing.key``,
+see tinyptq.signing, also voids the run states signed with it). Directories
+tinyptq creates there are private to the user (mode 0700).
 """
 
 from __future__ import annotations
@@ -28,8 +30,23 @@ def cache_dir(*parts: str) -> Path:
         from platformdirs import user_cache_dir
 
         root = Path(user_cache_dir("tinyptq"))
-    path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    return private_dir(root.joinpath(*parts))
+
+
+def private_dir(path: str | Path) -> Path:
+    """Directory ``path``, its missing components created with mode 0700 (existing ones left as they are)."""
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.is_dir() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
     return path
 
 

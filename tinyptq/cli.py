@@ -7,12 +7,45 @@ line on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import click
 
-from tinyptq.errors import TinyPTQError
-from tinyptq.quant import check_bits
+from tinyptq.errors import TinyPTQError, first_line
+from tinyptq.params import CALIB_SAMPLES, SEED, Constraint, Integer, validate
+from tinyptq.quant import BITS
+
+
+class CheckedOption(click.Option):
+    """A click option whose value is read and checked by a tinyptq.params constraint.
+
+    The text goes to the constraint as is (no click type), so '2.5' for a count
+    and '-1' for a seed fail in the same one-line format as a YAML value,
+    before the command runs. A default of None means "not given" and is kept.
+    """
+
+    def __init__(self, *args: Any, constraint: Constraint, **kwargs: Any) -> None:
+        kwargs.setdefault("metavar", constraint.metavar)
+        kwargs["type"] = click.STRING  # not inferred from an int default: the constraint reads the text
+        super().__init__(*args, **kwargs)
+        self.constraint = constraint
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        """The validated value (ConfigError, one line, when it breaks the constraint)."""
+        value = super().process_value(ctx, value)
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = self.constraint.from_text(value)
+        return validate("command-line", self.opts[0], value, self.constraint)
+
+
+def checked_option(*decls: str, constraint: Constraint, **kwargs: Any) -> Any:
+    """``click.option`` for a value validated by ``constraint``."""
+    return click.option(*decls, cls=CheckedOption, constraint=constraint, **kwargs)
+
 
 _data_dir_option = click.option(
     "--data-dir",
@@ -48,10 +81,16 @@ def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None) -> None:
 @cli.command()
 @_use_case_option
 @click.option("--pipeline", default="minmax", show_default=True, help="Pipeline YAML file or built-in name.")
-@click.option("--weight-bits", type=int, default=None, help="Weight bit-width (2-16), overrides the pipeline.")
-@click.option("--act-bits", type=int, default=None, help="Activation bit-width (2-16), overrides the pipeline.")
-@click.option("--calib-samples", type=int, default=None, help="Number of calibration samples.")
-@click.option("--seed", type=int, default=None, help="Calibration seed.")
+@checked_option(
+    "--weight-bits", constraint=BITS, default=None, help="Weight bit-width (2-16), overrides the pipeline."
+)
+@checked_option(
+    "--act-bits", constraint=BITS, default=None, help="Activation bit-width (2-16), overrides the pipeline."
+)
+@checked_option(
+    "--calib-samples", constraint=CALIB_SAMPLES, default=None, help="Number of calibration samples (>= 1)."
+)
+@checked_option("--seed", constraint=SEED, default=None, help="Calibration seed (0 to 2**32 - 1).")
 @click.option(
     "--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration inputs (.npy, N x input shape)."
 )
@@ -81,12 +120,10 @@ def quantize(
     from tqdm import tqdm
 
     from tinyptq import api
+    from tinyptq.paths import check_out_dir
 
-    if weight_bits is not None:
-        check_bits(weight_bits, "--weight-bits")
-    if act_bits is not None:
-        check_bits(act_bits, "--act-bits")
     formats = _check_export_request(export_formats, pipeline, weight_bits, act_bits)
+    check_out_dir(out, "--out")  # now, not after the pipeline ran
     bars: list = []
 
     def on_stage(stage, index: int, total: int) -> None:
@@ -157,6 +194,10 @@ def _save_run_state(state, out: Path) -> None:
         click.echo(f"state: {save_state(state, out)}")
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         click.echo(f"warning: run state not saved ({type(exc).__name__}: {exc}); 'tinyptq export' needs it", err=True)
+    except OSError as exc:
+        from tinyptq.paths import write_error
+
+        raise write_error(out, exc) from None
 
 
 def _export(state, out: Path, formats: list[str]) -> None:
@@ -176,16 +217,18 @@ def export_cmd(run_dir: Path, formats: str, out: Path | None) -> None:
     """Write deployment files of a 'tinyptq quantize --out RUN_DIR' run."""
     from tinyptq.export import parse_formats
     from tinyptq.export.runstate import load_state
+    from tinyptq.paths import check_out_dir
 
     chosen = parse_formats(formats)
-    _export(load_state(run_dir), out or run_dir, chosen)
+    target = check_out_dir(out, "--out") if out is not None else run_dir
+    _export(load_state(run_dir), target, chosen)  # export_state checks the run directory itself
 
 
 @cli.command()
 @_use_case_option
 @_data_dir_option
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True)
+@checked_option("--seed", constraint=SEED, default=0, show_default=True)
+@checked_option("--epochs", constraint=Integer(1, None), default=30, show_default=True)
 @click.option("--force", is_flag=True, help="Retrain even if a trained model is cached.")
 def train(use_case: str, data_dir: Path | None, seed: int, epochs: int, force: bool) -> None:
     """Train the use case's model (kws: DS-CNN on FSDD) into the cache."""
@@ -206,7 +249,32 @@ from tinyptq import cli_ablate  # noqa: E402,F401  (registers ablate and report)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning user errors into one line and an exit code."""
+    """Entry point: run the CLI, turning user errors into one line and an exit code.
+
+    Python warnings raised meanwhile are held back: after a user error only the
+    error line is printed; after success they follow the output, one line each.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        try:
+            code = _main(argv)
+        except BaseException:  # a bug's traceback: the warnings may explain it
+            _echo_warnings(caught)
+            raise
+    if code == 0:
+        _echo_warnings(caught)
+    return code
+
+
+def _echo_warnings(caught: list[warnings.WarningMessage]) -> None:
+    seen = set()
+    for w in caught:
+        text = f"warning: {first_line(w.message)} ({w.category.__name__})"
+        if text not in seen:
+            seen.add(text)
+            click.echo(text, err=True)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="tinyptq", standalone_mode=False)
     except TinyPTQError as exc:

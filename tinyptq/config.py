@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from tinyptq.errors import ConfigError
-from tinyptq.quant import QuantSpec, check_bits
+from tinyptq.params import Boolean, Constraint, Optional, Text, fail, validate
+from tinyptq.quant import BITS, QuantSpec
 
-_OVERRIDE_KEYS = {
-    "pattern",
-    "weight_bits",
-    "act_bits",
-    "weight_per_channel",
-    "weight_symmetric",
-    "act_symmetric",
-    "quantize",
-}
+
+def _check_fields(obj: Any, owner: str) -> None:
+    """Validate (and normalize in place) every declared field of a frozen dataclass."""
+    for name, constraint in obj.field_constraints.items():
+        object.__setattr__(obj, name, validate(owner, name, getattr(obj, name), constraint))
 
 
 @dataclass(frozen=True)
@@ -37,11 +34,19 @@ class LayerOverride:
     act_symmetric: bool | None = None
     quantize: bool = True
 
+    field_constraints: ClassVar[dict[str, Constraint]] = {
+        "pattern": Text(),
+        "weight_bits": Optional(BITS),
+        "act_bits": Optional(BITS),
+        "weight_per_channel": Optional(Boolean()),
+        "weight_symmetric": Optional(Boolean()),
+        "act_symmetric": Optional(Boolean()),
+        "quantize": Boolean(),
+    }
+
     def __post_init__(self) -> None:
-        if self.weight_bits is not None:
-            check_bits(self.weight_bits, f"weight_bits of override '{self.pattern}'")
-        if self.act_bits is not None:
-            check_bits(self.act_bits, f"act_bits of override '{self.pattern}'")
+        validate("quant override", "pattern", self.pattern, Text())
+        _check_fields(self, f"quant override '{self.pattern}'")
 
     def matches(self, *names: str | None) -> bool:
         """Whether any of the given names matches the pattern."""
@@ -61,9 +66,23 @@ class QuantConfig:
     keep_first_last_8bit: bool = False
     overrides: tuple[LayerOverride, ...] = field(default=())
 
+    # every field but ``overrides`` (a sequence of LayerOverride, checked on its own)
+    field_constraints: ClassVar[dict[str, Constraint]] = {
+        "weight_bits": BITS,
+        "act_bits": BITS,
+        "weight_per_channel": Boolean(),
+        "weight_symmetric": Boolean(),
+        "act_symmetric": Boolean(),
+        "weight_narrow_range": Boolean(),
+        "keep_first_last_8bit": Boolean(),
+    }
+
     def __post_init__(self) -> None:
-        check_bits(self.weight_bits, "weight_bits")
-        check_bits(self.act_bits, "act_bits")
+        _check_fields(self, "quant")
+        overrides = self.overrides
+        if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, LayerOverride) for o in overrides):
+            fail("quant", "overrides", "a sequence of LayerOverride", overrides)
+        object.__setattr__(self, "overrides", tuple(overrides))
 
     # ------------------------------------------------------------ resolution
     def _override(self, *names: str | None) -> dict[str, Any]:
@@ -121,21 +140,29 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> QuantConfig:
         """Build from YAML data, naming unknown keys in the error."""
-        data = dict(data or {})
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"'quant' must be a mapping of quantization options, got {data!r}")
+        data = dict(data)
         valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - valid)
+        unknown = sorted(set(data) - valid, key=str)
         if unknown:
             raise ConfigError(
                 f"unknown quantization option '{unknown[0]}'; valid: {', '.join(sorted(valid))}"
             )
+        raw = data.pop("overrides", None)
+        if raw is None:
+            raw = []
+        if not isinstance(raw, list):
+            fail("quant", "overrides", "a list of mappings with a 'pattern' key", raw)
+        override_keys = sorted(f.name for f in fields(LayerOverride))
         overrides = []
-        for i, ov in enumerate(data.pop("overrides", None) or []):
+        for i, ov in enumerate(raw):
             if not isinstance(ov, dict) or "pattern" not in ov:
                 raise ConfigError(f"override #{i + 1} needs a 'pattern' key")
-            bad = sorted(set(ov) - _OVERRIDE_KEYS)
+            bad = sorted(set(ov) - set(override_keys), key=str)
             if bad:
-                raise ConfigError(
-                    f"unknown override option '{bad[0]}'; valid: {', '.join(sorted(_OVERRIDE_KEYS))}"
-                )
+                raise ConfigError(f"unknown override option '{bad[0]}'; valid: {', '.join(override_keys)}")
             overrides.append(LayerOverride(**ov))
         return cls(**data, overrides=tuple(overrides))

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from tinyptq.errors import ModelError
+
 
 @dataclass(frozen=True)
 class MetricResult:
@@ -31,13 +33,50 @@ class MetricResult:
         return asdict(self)
 
 
+def check_class_scores(
+    scores: np.ndarray, samples: int, metric: str, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """``scores`` when they are class scores (samples, C >= 2) covering every label; else ModelError.
+
+    A model whose output is anything else (a feature map, one sigmoid, fewer
+    classes than the labels name) would give a number, just a meaningless one.
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[0] != samples or scores.shape[1] < 2:
+        raise ModelError(
+            f"the model's output has shape {scores.shape}; {metric} needs class scores "
+            f"of shape ({samples}, classes), one row per sample"
+        )
+    if labels is not None and len(labels) and int(np.max(labels)) >= scores.shape[1]:
+        raise ModelError(
+            f"the model gives {scores.shape[1]} class scores per sample but the labels go up to "
+            f"{int(np.max(labels))}; {metric} needs a score for every class"
+        )
+    return scores
+
+
+def check_reconstruction(x: np.ndarray, scores: np.ndarray, metric: str) -> np.ndarray:
+    """``scores`` when they have the shape of the inputs ``x`` they reconstruct; else ModelError."""
+    scores = np.asarray(scores)
+    if scores.shape != np.shape(x):
+        raise ModelError(
+            f"the model's output has shape {scores.shape}; {metric} needs a reconstruction "
+            f"of its input, shape {np.shape(x)}"
+        )
+    return scores
+
+
 def accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
     """Top-1 accuracy in percent of class scores (N, C) against integer labels."""
-    return float(np.mean(np.argmax(scores, axis=-1) == np.asarray(labels)) * 100.0)
+    labels = np.asarray(labels)
+    scores = check_class_scores(scores, len(labels), "accuracy", labels)
+    return float(np.mean(np.argmax(scores, axis=-1) == labels) * 100.0)
 
 
 def top1_agreement(reference: np.ndarray, scores: np.ndarray) -> float:
     """Percent of samples whose top-1 class equals the reference model's."""
+    reference = check_class_scores(reference, len(reference), "top-1 agreement")
+    scores = check_class_scores(scores, len(reference), "top-1 agreement")
     return float(np.mean(np.argmax(reference, axis=-1) == np.argmax(scores, axis=-1)) * 100.0)
 
 

@@ -9,6 +9,7 @@ state``. Stages register under a name so a YAML pipeline can say
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ import yaml
 from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError, first_line
 from tinyptq.graph.base import ModelGraph
+from tinyptq.params import BATCH_SIZE, CALIB_SAMPLES, SEED, Constraint, validate
 from tinyptq.quant import Encoding
 
 _REGISTRY: dict[str, type[Stage]] = {}
@@ -134,14 +136,49 @@ class Stage:
 
     ``requires``: stages that must come earlier in the pipeline.
     ``precedes``: stages that must not come earlier (this one rewrites what they set).
+    ``batch_norms_only``: True for a stage with nothing to do on a model without
+    batch norms (bn_folding); there a ``requires`` naming it is met without it.
     ``uses_quant_config``: False for stages whose result does not depend on
     bit-widths or granularity (their output is shared across bit settings).
+    ``parameter_constraints``: one :mod:`tinyptq.params` constraint per
+    constructor option. Every constructor is wrapped (``__init_subclass__``) so
+    that its options are validated, and normalized, before its body runs:
+    the stage itself only stores them. ``check_params`` adds checks that
+    involve several options.
     """
 
     name: ClassVar[str] = ""
     requires: ClassVar[tuple[str, ...]] = ()
     precedes: ClassVar[tuple[str, ...]] = ()
+    batch_norms_only: ClassVar[bool] = False
     uses_quant_config: ClassVar[bool] = True
+    parameter_constraints: ClassVar[dict[str, Constraint]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _validating_init(cls.__dict__["__init__"])
+
+    @classmethod
+    def undeclared_params(cls) -> list[str]:
+        """Constructor options without a declared constraint (a registered stage has none)."""
+        return [p for p in cls.param_names() if p not in cls.parameter_constraints]
+
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The options checked against ``parameter_constraints`` (ConfigError in the one format)."""
+        out = {}
+        for option, value in params.items():
+            constraint = cls.parameter_constraints.get(option)
+            if constraint is None:
+                raise TypeError(f"{cls.__name__} declares no constraint for option '{option}'")
+            out[option] = validate(cls.name or cls.__name__, option, value, constraint)
+        return cls.check_params(out)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Checks between options, after each was validated on its own (none by default)."""
+        return params
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -168,10 +205,35 @@ class Stage:
         return f"{type(self).__name__}({opts})"
 
 
+def _validating_init(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` with its options validated against the stage's declared constraints first."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)  # keeps the signature: param_names() reads it
+    def __init__(self: Stage, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        options = dict(list(bound.arguments.items())[1:])
+        init(self, **type(self).validate_params(options))
+
+    return __init__
+
+
 def register(cls: type[Stage]) -> type[Stage]:
-    """Class decorator: make a stage available to YAML pipelines under ``cls.name``."""
+    """Class decorator: make a stage available to YAML pipelines under ``cls.name``.
+
+    Every constructor option must have a declared constraint (and every
+    constraint an option), so that no option reaches a stage unchecked.
+    """
     if not cls.name:
         raise TypeError(f"{cls.__name__} has no name")
+    missing = cls.undeclared_params()
+    extra = sorted(set(cls.parameter_constraints) - set(cls.param_names()))
+    if missing or extra:
+        raise TypeError(
+            f"{cls.__name__}.parameter_constraints must cover exactly its options "
+            f"(undeclared: {missing}, not options: {extra})"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -190,15 +252,30 @@ def create_stage(name: str, options: dict[str, Any] | None = None) -> Stage:
         raise ConfigError(f"unknown stage '{name}'; valid stages: {', '.join(sorted(stages))}")
     cls = stages[name]
     options = dict(options or {})
-    valid = cls.param_names()
     for key in options:
-        if key not in valid:
-            raise ConfigError(f"unknown option '{key}' for stage '{name}'; valid options: {', '.join(valid)}")
+        option_constraint(name, key)
     return cls(**options)
 
 
-def order_problem(stage_names: list[str]) -> str | None:
-    """Why these stages cannot run in this order, or None when they can."""
+def option_constraint(stage: str, option: str) -> Constraint:
+    """The declared constraint of a stage option; ConfigError naming an unknown stage or option."""
+    stages = registry()
+    if stage not in stages:
+        raise ConfigError(f"unknown stage '{stage}'; valid stages: {', '.join(sorted(stages))}")
+    cls = stages[stage]
+    if option not in cls.param_names():
+        valid = ", ".join(cls.param_names())
+        raise ConfigError(f"unknown option '{option}' for stage '{stage}'; valid options: {valid}")
+    return cls.parameter_constraints[option]
+
+
+def order_problem(stage_names: list[str], batch_norms: bool | None = None) -> str | None:
+    """Why these stages cannot run in this order, or None when they can.
+
+    ``batch_norms``: whether the model has batch norms; False waives requirements
+    on ``batch_norms_only`` stages. None (model not known, as when a grid
+    expands) keeps every requirement.
+    """
     stages = registry()
     for i, name in enumerate(stage_names):
         cls = stages.get(name)
@@ -206,7 +283,8 @@ def order_problem(stage_names: list[str]) -> str | None:
             return f"unknown stage '{name}'"
         earlier = stage_names[:i]
         for req in cls.requires:
-            if req not in earlier:
+            waived = batch_norms is False and req in stages and stages[req].batch_norms_only
+            if req not in earlier and not waived:
                 return f"{name} needs {req} before it"
         for later in cls.precedes:
             if later in earlier:
@@ -221,14 +299,24 @@ def read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {first_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or first_line(exc)}") from None
 
 
 # ------------------------------------------------------------------ pipeline
 _TOP_KEYS = {"name", "description", "quant", "calibration", "stages"}
-_CALIB_KEYS = {"samples", "seed", "batch_size"}
+# a pipeline's ``calibration:`` block; absent keys take the use case's defaults
+CALIBRATION_CONSTRAINTS: dict[str, Constraint] = {
+    "samples": CALIB_SAMPLES,
+    "seed": SEED,
+    "batch_size": BATCH_SIZE,
+}
+_CALIB_KEYS = set(CALIBRATION_CONSTRAINTS)
 
 
 @dataclass
@@ -255,14 +343,23 @@ class PipelineSpec:
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             raise ConfigError(f"unknown pipeline key '{unknown[0]}'; valid keys: {', '.join(sorted(_TOP_KEYS))}")
-        calibration = dict(data.get("calibration") or {})
-        bad = sorted(set(calibration) - _CALIB_KEYS)
+        calibration = _mapping(data.get("calibration"), "calibration")
+        bad = sorted(set(calibration) - _CALIB_KEYS, key=str)
         if bad:
             raise ConfigError(f"unknown calibration option '{bad[0]}'; valid: {', '.join(sorted(_CALIB_KEYS))}")
+        calibration = {
+            key: validate("calibration", key, value, CALIBRATION_CONSTRAINTS[key])
+            for key, value in calibration.items()
+        }
+        entries = data.get("stages")
+        if entries is None:
+            entries = []
+        if not isinstance(entries, list):
+            raise ConfigError(f"pipeline key 'stages' must be a list of stages, got {entries!r}")
         spec = cls(
             name=str(data.get("name") or default_name),
-            stages=[_parse_stage_entry(e, i) for i, e in enumerate(data.get("stages") or [])],
-            quant=dict(data.get("quant") or {}),
+            stages=[_parse_stage_entry(e, i) for i, e in enumerate(entries)],
+            quant=_mapping(data.get("quant"), "quant"),
             calibration=calibration,
             description=str(data.get("description") or ""),
         )
@@ -271,8 +368,20 @@ class PipelineSpec:
         return spec
 
     def build(self) -> list[Stage]:
-        """The stage objects, in order."""
-        return [create_stage(name, opts) for name, opts in self.stages]
+        """The stage objects, in order.
+
+        ``calibration.batch_size``, when set, is the batch size of every stage
+        that takes one and does not set its own.
+        """
+        default = self.calibration.get("batch_size")
+        stages = registry()
+        built = []
+        for name, opts in self.stages:
+            cls = stages.get(name)
+            if default is not None and cls is not None and "batch_size" in cls.param_names():
+                opts = {"batch_size": default, **opts}
+            built.append(create_stage(name, opts))
+        return built
 
     def quant_config(self, weight_bits: int | None = None, act_bits: int | None = None) -> QuantConfig:
         """The QuantConfig of this pipeline, with bit-widths overridden when given."""
@@ -288,6 +397,15 @@ class PipelineSpec:
             "calibration": dict(self.calibration),
             "stages": [{name: dict(opts)} for name, opts in self.stages],
         }
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    """A pipeline key that must hold a mapping (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"pipeline key '{key}' must be a mapping, got {value!r}")
+    return dict(value)
 
 
 def _parse_stage_entry(entry: Any, index: int) -> tuple[str, dict[str, Any]]:

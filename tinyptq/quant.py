@@ -20,18 +20,17 @@ from typing import Any
 import numpy as np
 
 from tinyptq.errors import ConfigError
+from tinyptq.params import Integer, validate
 
 MIN_BITS = 2
 MAX_BITS = 16
+# every bit-width a user sets (QuantConfig, overrides, grids, --weight-bits / --act-bits)
+BITS = Integer(MIN_BITS, MAX_BITS)
 
 
-def check_bits(bits: Any, what: str = "bits") -> int:
+def check_bits(bits: Any, what: str = "bits", owner: str = "quantization") -> int:
     """Validate a bit-width (an integer in 2..16) and return it as int."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise ConfigError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ConfigError(f"{what}={bits} is out of range: use {MIN_BITS} to {MAX_BITS} bits")
-    return int(bits)
+    return validate(owner, what, bits, BITS)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ entropy calibration). The clipping methods see data in one of two ways:
 from __future__ import annotations
 
 import inspect
-import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from tinyptq.errors import ConfigError, DataError
 from tinyptq.histogram import StreamingHistogram, kl_threshold_bins
+from tinyptq.params import Integer, Real, validate
 from tinyptq.quant import Encoding, QuantSpec, grid_limits
 
 # a single per-tensor update larger than this goes straight into the histogram
@@ -38,15 +38,9 @@ VALUES_PER_BIN = 8
 def check_number(
     value: Any, name: str, lo: float, hi: float, integer: bool = False, lo_open: bool = False
 ) -> Any:
-    """Validate an option in [lo, hi] (or (lo, hi] with ``lo_open``); ConfigError names it."""
-    kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.number))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
-    if value < lo or value > hi or (lo_open and value == lo):
-        low = f"({lo}" if lo_open else f"[{lo}"
-        raise ConfigError(f"{name}={value!r} is out of range: allowed {low}, {hi}]")
-    return int(value) if integer else float(value)
+    """Validate an observer option in [lo, hi] (or (lo, hi] with ``lo_open``), as tinyptq.params does."""
+    constraint = Integer(lo, hi) if integer else Real(lo, hi, lo_open=lo_open)
+    return validate("range observer", name, value, constraint)
 
 
 class RangeObserver(ABC):

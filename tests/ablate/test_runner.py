@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import shutil
 
 import pytest
 
 from tinyptq.ablate.grid import Grid
 from tinyptq.ablate.runner import run_grid
 from tinyptq.ablate.store import ResultStore
+
+
+def _forget_results(out) -> None:
+    """Remove the store and the run records (else the records would restore the store)."""
+    (out / "results.sqlite").unlink()
+    shutil.rmtree(out / "records")
 
 
 def _run(grid: dict, out, **kw):
@@ -113,10 +120,12 @@ def test_same_seed_same_numbers(tiny_grid, tmp_path):
 def config_writer():
     """A test stage that writes 3-bit weights into the config, as mixed precision will."""
     from tinyptq.pipeline import _REGISTRY, Stage, register
+    from tinyptq.quant import BITS
 
     class WriteConfig(Stage):
         name = "test_write_config"
         precedes = ("range_setting",)
+        parameter_constraints = {"weight_bits": BITS}
         uses_quant_config = True
 
         def __init__(self, weight_bits: int = 3) -> None:
@@ -147,7 +156,7 @@ def test_a_cached_prefix_keeps_the_config_its_stages_wrote(config_writer, tiny_g
     tiny_grid["toggles"] = {"range_setting.weights": ["minmax", "mse"]}
     _run(tiny_grid, tmp_path)
     assert len(list((tmp_path / "cache" / "prefix").glob("*.pkl"))) == 2
-    (tmp_path / "results.sqlite").unlink()  # a fresh store: both runs now resume from the disk cache
+    _forget_results(tmp_path)  # a fresh store: both runs now resume from the disk cache
     summary, _ = _run(tiny_grid, tmp_path)
     assert summary.counts["done"] == 2
 
@@ -170,7 +179,7 @@ def test_a_cached_prefix_keeps_the_config_its_stages_wrote(config_writer, tiny_g
 def test_a_prefix_shared_across_bit_widths_takes_each_runs_config(tiny_grid, tmp_path):
     tiny_grid["toggles"] = {"range_setting.weights": ["minmax", "mse"]}  # cle on: bn_folding + cle shared
     _run(tiny_grid, tmp_path)
-    (tmp_path / "results.sqlite").unlink()
+    _forget_results(tmp_path)
     _run(tiny_grid, tmp_path)
     rows = ResultStore(tmp_path).rows()
     assert {r["extras"]["cached_stages"] for r in rows} == {2}

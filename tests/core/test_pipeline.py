@@ -9,6 +9,7 @@ from tinyptq.api import load_pipeline
 from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError
 from tinyptq.graph.keras_graph import KerasGraph
+from tinyptq.params import Real
 from tinyptq.pipeline import (
     Pipeline,
     PipelineSpec,
@@ -41,7 +42,7 @@ def test_unknown_stage_and_option_list_valid_names():
         create_stage("adaroundx")
     with pytest.raises(ConfigError, match="unknown option 'bogus'.*weights, activations"):
         create_stage("range_setting", {"bogus": 1})
-    with pytest.raises(ConfigError, match="unknown range method 'bad'.*minmax"):
+    with pytest.raises(ConfigError, match="range_setting option 'weights' must be one of .*'minmax'.*got 'bad'"):
         create_stage("range_setting", {"weights": "bad"})
 
 
@@ -56,7 +57,7 @@ def test_yaml_validation(tmp_path):
         "stages: [nope]": "unknown stage 'nope'",
         "stagez: []": "unknown pipeline key 'stagez'",
         "quant: {wbits: 4}\nstages: []": "unknown quantization option 'wbits'",
-        "quant: {weight_bits: 1}\nstages: []": "out of range",
+        "quant: {weight_bits: 1}\nstages: []": r"quant option 'weight_bits' must be an integer in \[2, 16\], got 1",
         "stages:\n  - range_setting: 3": "must be a mapping",
         "calibration: {size: 3}": "unknown calibration option 'size'",
         "stages: [: bad": "not valid YAML",
@@ -81,6 +82,7 @@ def test_stage_times_are_logged_and_state_is_not_mutated():
     @register
     class Sleepy(Stage):
         name = "_test_sleepy"
+        parameter_constraints = {"seconds": Real(0.0, None)}
 
         def __init__(self, seconds: float = 0.01) -> None:
             self.seconds = seconds
@@ -102,3 +104,16 @@ def test_stage_times_are_logged_and_state_is_not_mutated():
     assert set(out.stage_seconds()) == {"_test_sleepy", "range_setting", "_test_sleepy#2"}
     assert seen[1] == ("range_setting", 1, 3)
     assert state.log == [] and state.act_encodings == {}  # the input state is untouched
+
+
+def test_calibration_batch_size_is_the_default_of_stages_that_take_one():
+    spec = PipelineSpec.from_dict(
+        {
+            "calibration": {"batch_size": 16},
+            "stages": ["bn_folding", "range_setting", {"bias_correction": {"batch_size": 8}}],
+        }
+    )
+    bn, rs, bc = spec.build()
+    assert rs.batch_size == 16 and bc.batch_size == 8  # a stage's own option wins
+    assert "batch_size" not in bn.get_params()
+    assert PipelineSpec.from_dict({"stages": ["range_setting"]}).build()[0].batch_size == 128

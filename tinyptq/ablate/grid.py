@@ -19,8 +19,26 @@ from sklearn.model_selection import ParameterGrid
 from tinyptq.cache import content_hash
 from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError
-from tinyptq.pipeline import PipelineSpec, create_stage, order_problem, read_yaml, registry
-from tinyptq.quant import check_bits
+from tinyptq.params import (
+    BATCH_SIZE,
+    CALIB_SAMPLES,
+    SEED,
+    Constraint,
+    Optional,
+    Options,
+    Switch,
+    validate,
+)
+from tinyptq.paths import safe_name
+from tinyptq.pipeline import (
+    PipelineSpec,
+    create_stage,
+    option_constraint,
+    order_problem,
+    read_yaml,
+    registry,
+)
+from tinyptq.quant import BITS
 
 TOP_KEYS = (
     "name",
@@ -37,6 +55,8 @@ GRANULARITIES = ("per_tensor", "per_channel")
 CALIB_KEYS = ("samples", "batch_size")
 BITS_KEYS = ("weights", "activations", "granularity")
 ON, OFF = "on", "off"
+# quant fields a toggle may not set: the bits entries set them
+NOT_TOGGLED = ("weight_bits", "act_bits", "weight_per_channel")
 _BITS_TEXT = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
 
@@ -112,35 +132,28 @@ class Grid:
         for required in ("use_cases", "bits", "pipeline"):
             if required not in data:
                 raise ConfigError(f"grid key '{required}' is missing")
-        calibration = data.get("calibration") or {}
+        calibration = data.get("calibration")
+        calibration = {} if calibration is None else calibration
         if not isinstance(calibration, dict):
             raise ConfigError(
                 "grid key 'calibration' must be a mapping with 'samples' (and 'batch_size')"
             )
         _check_keys(calibration, CALIB_KEYS, "calibration key")
-        granularity = [
-            str(g) for g in _as_list(data.get("granularity", ["per_channel"]), "granularity")
-        ]
-        for g in granularity:
-            _check_choice(g, GRANULARITIES, "granularity")
+        granularity = _values(data.get("granularity", ["per_channel"]), "granularity")
         pipeline = _parse_pipeline(data["pipeline"], base_dir)
         grid = cls(
-            name=str(data.get("name") or default_name),
+            # the name becomes a directory (runs/ablate-<name>): never a path
+            name=safe_name(str(data.get("name") or default_name), "grid"),
             description=str(data.get("description") or ""),
             use_cases=_parse_use_cases(data["use_cases"]),
             bits=_parse_bits(data["bits"], granularity),
             pipeline=pipeline,
             toggles=_parse_toggles(data.get("toggles") or {}, pipeline),
-            calib_samples=[
-                _positive_int(n, "calibration.samples")
-                for n in _as_list(calibration.get("samples", [256]), "calibration.samples")
-            ],
-            calib_batch_size=calibration.get("batch_size"),
-            seeds=[_int(s, "seeds") for s in _as_list(data.get("seeds", [0]), "seeds")],
+            calib_samples=_values(calibration.get("samples", [256]), "calibration.samples"),
+            calib_batch_size=_value(calibration.get("batch_size"), "calibration.batch_size"),
+            seeds=_values(data.get("seeds", [0]), "seeds"),
             source=source,
         )
-        if grid.calib_batch_size is not None:
-            grid.calib_batch_size = _positive_int(grid.calib_batch_size, "calibration.batch_size")
         return grid
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,26 +257,42 @@ def _as_list(value: Any, key: str) -> list[Any]:
     return values
 
 
-def _int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"grid key '{key}' must hold integers, got {value!r}")
-    return value
+def value_constraints() -> dict[str, Constraint]:
+    """The declared constraint of every value a grid lists, by key (``bits.*``: mapping entries)."""
+    from tinyptq.models.usecases import use_case_names
+
+    return {
+        "use_cases": Options(*use_case_names()),
+        "granularity": Options(*GRANULARITIES),
+        "bits.weights": BITS,
+        "bits.activations": BITS,
+        "bits.granularity": Options(*GRANULARITIES),
+        "calibration.samples": CALIB_SAMPLES,
+        "calibration.batch_size": Optional(BATCH_SIZE),  # null: the stages' own batch sizes
+        "seeds": SEED,
+    }
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if _int(value, key) < 1:
-        raise ConfigError(f"grid key '{key}' must be positive, got {value!r}")
-    return value
+def toggle_constraint(key: str) -> Constraint:
+    """The constraint on the values of toggle ``key``: that of the option it sets, or on / off."""
+    head, _, option = key.partition(".")
+    if head == "quant":
+        return QuantConfig.field_constraints[option]
+    return option_constraint(head, option) if option else Switch()
+
+
+def _value(value: Any, key: str) -> Any:
+    """One value of grid key ``key``, validated against its declared constraint."""
+    return validate("grid", key, value, value_constraints()[key])
+
+
+def _values(value: Any, key: str) -> list[Any]:
+    """The values listed under grid key ``key`` (one value or a list), each validated."""
+    return [_value(v, key) for v in _as_list(value, key)]
 
 
 def _parse_use_cases(value: Any) -> list[str]:
-    from tinyptq.models.usecases import use_case_names
-
-    valid = use_case_names()
-    names = [str(v) for v in _as_list(value, "use_cases")]
-    for name in names:
-        _check_choice(name, valid, "use case")
-    return names
+    return _values(value, "use_cases")
 
 
 def _parse_bits(value: Any, granularity: list[str]) -> list[BitSetting]:
@@ -281,19 +310,14 @@ def _parse_bits(value: Any, granularity: list[str]) -> list[BitSetting]:
             _check_keys(entry, BITS_KEYS, "bits key")
             if "weights" not in entry or "activations" not in entry:
                 raise ConfigError(f"bits entry {entry} needs both 'weights' and 'activations'")
-            w, a = (
-                _int(entry["weights"], "bits.weights"),
-                _int(entry["activations"], "bits.activations"),
-            )
+            w, a = entry["weights"], entry["activations"]
             if "granularity" in entry:
-                _check_choice(entry["granularity"], GRANULARITIES, "granularity")
-                grans = [entry["granularity"]]
+                grans = [_value(entry["granularity"], "bits.granularity")]
         else:
             raise ConfigError(
                 f"bits entry {entry!r} must look like 'W4A8' or {{weights: 4, activations: 8}}"
             )
-        check_bits(w, "bits.weights")
-        check_bits(a, "bits.activations")
+        w, a = _value(w, "bits.weights"), _value(a, "bits.activations")
         for g in grans:
             setting = BitSetting(w, a, g)
             if setting not in out:
@@ -316,11 +340,7 @@ def _parse_toggles(toggles: Any, pipeline: PipelineSpec) -> dict[str, list[Any]]
     if not isinstance(toggles, dict):
         raise ConfigError("grid key 'toggles' must be a mapping like {cle: [off, on]}")
     in_pipeline = [name for name, _ in pipeline.stages]
-    quant_fields = [
-        f
-        for f in QuantConfig.__dataclass_fields__
-        if f not in ("weight_bits", "act_bits", "weight_per_channel", "overrides")
-    ]
+    quant_fields = [f for f in QuantConfig.field_constraints if f not in NOT_TOGGLED]
     out: dict[str, list[Any]] = {}
     for key, values in toggles.items():
         key = str(key)
@@ -328,8 +348,8 @@ def _parse_toggles(toggles: Any, pipeline: PipelineSpec) -> dict[str, list[Any]]
         head, _, option = key.partition(".")
         if head == "quant":
             _check_choice(option, quant_fields, "quant toggle")
-            for v in values:
-                QuantConfig.from_dict({option: v})  # raises ConfigError naming the bad value
+            for v in values:  # each value as the option it sets declares (a bool, never "false")
+                validate("grid toggle", key, v, toggle_constraint(key))
         else:
             if head not in registry():
                 raise ConfigError(
@@ -340,28 +360,18 @@ def _parse_toggles(toggles: Any, pipeline: PipelineSpec) -> dict[str, list[Any]]
                     f"toggle '{key}': stage '{head}' is not in the base pipeline; "
                     f"add it there (with its options) or toggle one of: {', '.join(in_pipeline)}"
                 )
+            constraint = toggle_constraint(key)  # names an unknown option
             if option:
                 base_opts = dict(pipeline.stages[in_pipeline.index(head)][1])
                 for v in values:
-                    create_stage(
-                        head, {**base_opts, option: v}
-                    )  # names unknown options / bad values
+                    validate("grid toggle", key, v, constraint)
+                    create_stage(head, {**base_opts, option: v})  # checks between options
             else:
-                values = [_on_off(v, key) for v in values]
+                values = [validate("grid toggle", key, v, constraint) for v in values]
         if len(set(map(_value_text, values))) != len(values):
             raise ConfigError(f"toggle '{key}' lists a value twice: {values}")
         out[key] = values
     return out
-
-
-def _on_off(value: Any, key: str) -> str:
-    # YAML reads bare on/off as booleans
-    text = (
-        {True: ON, False: OFF}.get(value, value) if isinstance(value, bool) else str(value).lower()
-    )
-    if text not in (ON, OFF):
-        raise ConfigError(f"toggle '{key}' takes 'on' / 'off', got {value!r}")
-    return text
 
 
 def _value_text(value: Any) -> str:

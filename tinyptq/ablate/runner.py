@@ -2,24 +2,69 @@
 
 Grid points whose toggles resolve to the same computation form one task; the
 planner marks stage prefixes that several tasks share so the workers cache
-them. Results are written to the store one transaction per finished task, so a
-killed grid resumes where it stopped.
+them. Results are written to the store one transaction per finished task
+(each run's record file first), so a killed grid resumes where it stopped.
+One runner at a time owns an output directory: it holds ``OUT/ablate.lock``
+for its lifetime, and a second runner on the same directory stops at once
+(reading the store, as report and --dry-run do, needs no lock).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from tinyptq.ablate.executors import make_executor
+from tinyptq.ablate.executors import LocalExecutor, RayExecutor, make_executor
 from tinyptq.ablate.grid import Grid, Run
 from tinyptq.ablate.prefix import prefix_keys
-from tinyptq.ablate.store import ResultStore
+from tinyptq.ablate.store import RECORDS_DIR, ResultStore, StoreError, rebuild_store
 from tinyptq.ablate.worker import Task
+from tinyptq.errors import TinyPTQError
 from tinyptq.pipeline import PipelineSpec
+
+LOCK_FILE = "ablate.lock"
+
+
+class OutDirBusy(TinyPTQError):
+    """Another runner holds the output directory."""
+
+
+@contextmanager
+def runner_lock(out_dir: str | Path) -> Iterator[None]:
+    """Own ``out_dir`` for the block (``OUT/ablate.lock``, holding this pid); OutDirBusy when another runner does.
+
+    The lock is an flock on the file: the system releases it when its holder
+    ends, however it ends (a killed runner never leaves a stale lock).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutDirBusy(
+                f"{out_dir} is in use by another 'tinyptq ablate' (pid {holder}); "
+                f"wait until it has finished or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -109,17 +154,48 @@ def run_grid(
     retry_failed: bool = False,
     progress: bool = True,
     stream: TextIO | None = None,
+    rebuild: bool = False,
 ) -> GridSummary:
-    """Run every grid point not yet in OUT_DIR's store; return the counts."""
-    from tqdm import tqdm
+    """Run every grid point not yet in OUT_DIR's store; return the counts.
 
+    ``rebuild`` first moves the store aside and rebuilds it from the run
+    records (see ``store.rebuild_store``). OutDirBusy when another runner
+    holds OUT_DIR; StoreError when the store cannot be used.
+    """
     out_dir = Path(out_dir)
     stream = stream or sys.stderr
-    runs = grid.expand()
+    runner = make_executor(executor, workers, address)
+    with runner_lock(out_dir):
+        store = _open_store(out_dir, rebuild, stream)
+        return _run_todo(grid, store, runner, data_dir, retry_failed, progress, stream)
+
+
+def _open_store(out_dir: Path, rebuild: bool, stream: TextIO) -> ResultStore:
+    """The store, rebuilt first when asked, holding every run record (rows it lost come back)."""
+    moved, restored = rebuild_store(out_dir) if rebuild else (None, 0)
     store = ResultStore(out_dir)
-    store.set_meta("grid", grid.to_dict())
-    store.set_meta("grid_name", grid.name)
-    store.set_meta("run_ids", [r.run_id for r in runs])
+    restored += store.import_records()
+    if rebuild or restored:
+        where = f"moved {moved.name} aside; " if moved else ""
+        print(f"{out_dir}: {where}restored {restored} runs from {out_dir / RECORDS_DIR}", file=stream)
+    return store
+
+
+def _run_todo(
+    grid: Grid,
+    store: ResultStore,
+    runner: LocalExecutor | RayExecutor,
+    data_dir: str | Path | None,
+    retry_failed: bool,
+    progress: bool,
+    stream: TextIO,
+) -> GridSummary:
+    """Run the grid points ``store`` does not hold as finished; each result to the store as it comes."""
+    from tqdm import tqdm
+
+    out_dir = store.out_dir
+    runs = grid.expand()
+    _set_grid_meta(store, grid, runs)
     statuses = store.statuses()
     finished = {"done", "skipped"} | (set() if retry_failed else {"failed"})
 
@@ -137,6 +213,7 @@ def run_grid(
     pending = [tasks[h] for h in by_config]
 
     counts: Counter = Counter()
+    store_failed = False
     bar = tqdm(
         total=len(runs),
         initial=summary.reused,
@@ -147,18 +224,32 @@ def run_grid(
         dynamic_ncols=True,
     )
     try:
-        for task, result in make_executor(executor, workers, address).run(pending):
-            for run in by_config[task.config_hash]:
-                store.put(_row(run, grid, result))
-            counts[result["status"]] += len(by_config[task.config_hash])
-            summary.ran += len(by_config[task.config_hash])
-            bar.update(len(by_config[task.config_hash]))
+        for task, result in runner.run(pending):
+            group = by_config[task.config_hash]
+            for run in group:
+                try:
+                    store.put(_row(run, grid, result))
+                except StoreError as exc:  # the run's record is written: the grid goes on
+                    if not store_failed:
+                        bar.write(f"warning: {exc}", file=stream)
+                    store_failed = True
+            counts[result["status"]] += len(group)
+            summary.ran += len(group)
+            bar.update(len(group))
             bar.set_postfix_str(f"done {counts['done']} failed {counts['failed']}", refresh=False)
-            bar.write(_result_line(by_config[task.config_hash][0], result), file=stream)
+            bar.write(_result_line(group[0], result), file=stream)
     finally:
         bar.close()
+    store.import_records()  # what did not reach the store meanwhile; StoreError if it still cannot
+    _set_grid_meta(store, grid, runs)  # again: the file may have been made anew meanwhile
     summary.counts = store.counts()
     return summary
+
+
+def _set_grid_meta(store: ResultStore, grid: Grid, runs: list[Run]) -> None:
+    store.set_meta("grid", grid.to_dict())
+    store.set_meta("grid_name", grid.name)
+    store.set_meta("run_ids", [r.run_id for r in runs])
 
 
 def _result_line(run: Run, result: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@ memory between tasks. Work shared by several tasks goes through the grid's disk
 cache: the FP32 metric once per use case, and the PTQ state after each stage
 prefix the planner marked as shared (e.g. bn_folding + cle), keyed by the
 content of model, calibration data, stages with options and, when a stage in
-the prefix depends on them, the quantization settings.
+the prefix depends on them, the quantization settings. An entry that cannot
+be used (damaged, foreign, stale) is computed again and replaced.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinyptq.ablate.disk_cache import DiskCache, locked
+from tinyptq.ablate.disk_cache import MISSING, DiskCache, locked
 from tinyptq.ablate.prefix import prefix_keys, uses_quant_config
 from tinyptq.errors import TinyPTQError, first_line
 
@@ -95,7 +96,7 @@ def _use_case(task: Task):
         graph.check_input(data.x, f"{uc.name} evaluation data")
         fingerprint = graph.fingerprint()
         fp32 = DiskCache(task.cache_dir, scope=(fingerprint, _array_key(data.x))).get_or_compute(
-            "fp32", task.use_case, lambda: _fp32(uc, graph, data)
+            "fp32", task.use_case, lambda: _fp32(uc, graph, data), valid=_is_fp32
         )
         _MEMO[key] = (uc, graph, fingerprint, data, fp32)
     return _MEMO[key]
@@ -104,6 +105,10 @@ def _use_case(task: Task):
 def _fp32(uc, graph, data) -> dict[str, Any]:
     scores = graph.predict(data.x)
     return {"scores": scores, "metric": uc.metric(data, scores, scores)}
+
+
+def _is_fp32(value: Any) -> bool:
+    return isinstance(value, dict) and {"scores", "metric"} <= set(value)
 
 
 def _calibration(task: Task, uc, graph, n: int, seed: int):
@@ -130,21 +135,7 @@ def _run(task: Task) -> dict[str, Any]:
     keys = prefix_keys(spec)  # keys[k - 1]: the state after the first k stages
 
     state = PTQState(graph=base_graph.copy(), config=config, calib=calib, seed=seed, cache=cache)
-    done = 0
-    prefixes = sorted(k for k in task.shared_prefixes if 0 < k <= len(stages))
-    stored = [k for k in prefixes if cache.exists("prefix", keys[k - 1])]
-    if stored:  # start from the longest prefix already computed
-        done = stored[-1]
-        snapshot = cache.get_or_compute("prefix", keys[done - 1], lambda: None)
-        state = _resume(snapshot, state, stages[:done])
-    for k in (k for k in prefixes if k > done):
-        start_state, first = state, done
-
-        def compute(start_state=start_state, first=first, k=k) -> Any:
-            return _snapshot(Pipeline(stages[first:k]).run(start_state))
-
-        state = _resume(cache.get_or_compute("prefix", keys[k - 1], compute), state, stages[:k])
-        done = k
+    state, done = _cached_prefixes(state, stages, keys, task.shared_prefixes, cache)
     state = Pipeline(stages[done:]).run(state)
 
     sim = QuantSim(state)
@@ -167,6 +158,35 @@ def _run(task: Task) -> dict[str, Any]:
     }
 
 
+def _cached_prefixes(state, stages, keys: list[str], shared: list[int], cache: DiskCache):
+    """The state after the shared stage prefixes, from the cache or computed into it; and their length.
+
+    Starts from the longest prefix whose entry is usable; a missing, damaged
+    or foreign entry of a longer one is computed and replaced.
+    """
+    from tinyptq.pipeline import Pipeline, PTQState
+
+    def is_state(value: Any) -> bool:
+        return isinstance(value, PTQState)
+
+    done = 0
+    prefixes = sorted(k for k in shared if 0 < k <= len(stages))
+    for k in reversed(prefixes):
+        snapshot = cache.load("prefix", keys[k - 1], valid=is_state)
+        if snapshot is not MISSING:
+            state, done = _resume(snapshot, state, stages[:k]), k
+            break
+    for k in (k for k in prefixes if k > done):
+        start_state, first = state, done
+
+        def compute(start_state=start_state, first=first, k=k) -> Any:
+            return _snapshot(Pipeline(stages[first:k]).run(start_state))
+
+        snapshot = cache.get_or_compute("prefix", keys[k - 1], compute, valid=is_state)
+        state, done = _resume(snapshot, state, stages[:k]), k
+    return state, done
+
+
 def _snapshot(state):
     """A state fit for the disk: own graph copy, no calibration array, no cache handle."""
     return state.evolve(copy_graph=True, calib=None, cache=None)
@@ -181,7 +201,5 @@ def _resume(snapshot, current, stages):
     Otherwise the snapshot may come from a run at other bit-widths and this
     run's own config applies.
     """
-    if snapshot is None:
-        raise RuntimeError("stage cache entry vanished while in use")
     config = snapshot.config if uses_quant_config(stages) else current.config
     return snapshot.evolve(copy_graph=True, config=config, calib=current.calib, cache=current.cache)

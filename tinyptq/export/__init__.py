@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyptq.errors import ConfigError
+from tinyptq.paths import prepare_out_dir, write_error
 
 FORMATS = ("onnx", "tflite", "encodings")
 FILE_NAMES = {"onnx": "model.qdq.onnx", "tflite": "model.tflite", "encodings": "encodings.json"}
@@ -37,14 +38,15 @@ def parse_formats(formats: str | Iterable[str]) -> list[str]:
 def export_state(state: Any, out_dir: str | Path, formats: str | Iterable[str]) -> dict[str, Path]:
     """Write the chosen formats of ``state`` into ``out_dir``; return format -> path.
 
-    Every format is checked before anything is written (e.g. TFLite needs 8 bits).
+    Every format, and that ``out_dir`` can be written, is checked before
+    anything is converted (e.g. TFLite needs 8 bits).
     """
     formats = parse_formats(formats)
     if "tflite" in formats:
         from tinyptq.export.tflite import check_exportable
 
         check_exportable(state)
-    out = Path(out_dir)
+    out = prepare_out_dir(out_dir, "export directory")
     written: dict[str, Path] = {}
     view = None
     if "onnx" in formats or "encodings" in formats:
@@ -54,19 +56,26 @@ def export_state(state: Any, out_dir: str | Path, formats: str | Iterable[str]) 
         view = onnx_view(state.graph, required_opset(state), optional="onnx" not in formats)
     for fmt in formats:
         path = out / FILE_NAMES[fmt]
-        if fmt == "onnx":
-            from tinyptq.export.qdq_onnx import export_qdq
-
-            written[fmt] = export_qdq(state, path, view=view)
-        elif fmt == "tflite":
-            from tinyptq.export.tflite import export_tflite
-
-            written[fmt] = export_tflite(state, path)
-        else:
-            from tinyptq.export.encodings import write_encodings
-
-            written[fmt] = write_encodings(state, path, view)
+        try:
+            written[fmt] = _write(fmt, state, path, view)
+        except OSError as exc:  # e.g. the disk filled up meanwhile
+            raise write_error(path, exc) from None
     return written
+
+
+def _write(fmt: str, state: Any, path: Path, view: Any) -> Path:
+    """Write one format to ``path``."""
+    if fmt == "onnx":
+        from tinyptq.export.qdq_onnx import export_qdq
+
+        return export_qdq(state, path, view=view)
+    if fmt == "tflite":
+        from tinyptq.export.tflite import export_tflite
+
+        return export_tflite(state, path)
+    from tinyptq.export.encodings import write_encodings
+
+    return write_encodings(state, path, view)
 
 
 __all__ = ["FILE_NAMES", "FORMATS", "export_state", "parse_formats"]

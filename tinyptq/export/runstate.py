@@ -4,12 +4,13 @@
 without cached framework models), the QuantConfig as plain data, the encodings
 as plain data, the fixed (rounded) kernels and the folded batch-norm
 statistics. The calibration data is not kept: exporting does not need it.
-A pickle runs code when loaded: read only run directories you made.
+A pickle runs code when loaded, so the file is signed (tinyptq.signing,
+HMAC-SHA256 under the user's key): a state.pkl this user's tinyptq did not
+write is refused before anything in it is unpickled.
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ import numpy as np
 
 from tinyptq import __version__
 from tinyptq.config import QuantConfig
-from tinyptq.errors import ConfigError
+from tinyptq.errors import ConfigError, first_line
 from tinyptq.quant import Encoding
+from tinyptq.signing import SignatureMismatch, SignedFileError, dump_signed, load_signed
 
 STATE_FILE = "state.pkl"
 _FORMAT = "tinyptq-state"
 _FORMAT_VERSION = 1
+CONTEXT = "tinyptq-state"  # what the signature of a state file is bound to
 
 
 def save_state(state: Any, out_dir: str | Path) -> Path:
@@ -41,11 +44,7 @@ def save_state(state: Any, out_dir: str | Path) -> Path:
     }
     path = Path(out_dir) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)
-    return path
+    return dump_signed(payload, path, CONTEXT)
 
 
 def load_state(run_dir: str | Path) -> Any:
@@ -56,15 +55,38 @@ def load_state(run_dir: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no {STATE_FILE}: run 'tinyptq quantize --out {run_dir}' first")
     try:
-        with path.open("rb") as fh:
-            payload = pickle.load(fh)
-    except Exception as exc:  # unpickling fails in many ways (truncated file, moved classes)
-        raise ConfigError(f"cannot read {path}: {type(exc).__name__}") from None
+        payload = load_signed(path, CONTEXT)
+    except SignatureMismatch:  # planted, copied from another user, damaged, or older than signing
+        raise SignatureMismatch(
+            f"{STATE_FILE} in {run_dir} was not written by this user's tinyptq (signature mismatch); re-run quantize"
+        ) from None
+    except SignedFileError as exc:  # signed by us, but its classes moved or changed since
+        raise ConfigError(f"{exc}; re-run quantize") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise ConfigError(f"{path} is not a tinyptq run state")
+    missing = [k for k in _FIELDS if k not in payload]
+    if missing:
+        raise ConfigError(f"{path} is incomplete (no {', '.join(missing)}): run 'tinyptq quantize' again")
+    try:
+        return _state(payload, PTQState)
+    except Exception as exc:  # fields of the wrong type or shape: KeyError, TypeError, ValueError ...
+        raise ConfigError(f"{path} is damaged ({type(exc).__name__}: {first_line(exc, 80)})") from None
+
+
+_FIELDS = ("graph", "config", "weight_encodings", "act_encodings", "fixed_weights", "bn_stats")
+
+
+def _state(payload: dict, state_cls: type) -> Any:
+    """The PTQState of a loaded payload that has every field."""
+    from tinyptq.graph.base import ModelGraph
+
     graph = payload["graph"]
+    if not isinstance(graph, ModelGraph):
+        raise TypeError(f"graph is a {type(graph).__name__}")
     calib = np.zeros((0, *[d or 1 for d in graph.input_shape[1:]]), np.float32)
-    return PTQState(
+    return state_cls(
         graph=graph,
         config=QuantConfig.from_dict(payload["config"]),
         calib=calib,

@@ -193,11 +193,19 @@ def run_batches(
     session: Any, input_name: str, x: np.ndarray, tensors: Sequence[str], batch_size: int
 ) -> Iterator[list[np.ndarray]]:
     """The requested tensors for each batch of ``x`` (the input tensor itself straight from ``x``)."""
+    import onnxruntime as ort
+
     wanted = [t for t in dict.fromkeys(tensors) if t != input_name]
     x = np.asarray(x, np.float32)
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # the failure becomes our one-line error, not a log line too
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
-        values = dict(zip(wanted, session.run(wanted, {input_name: batch}), strict=True)) if wanted else {}
+        try:
+            outs = session.run(wanted, {input_name: batch}, quiet) if wanted else []
+        except Exception as exc:  # onnxruntime's own exception types (Fail, InvalidArgument, ...)
+            raise ModelError(f"onnxruntime cannot run the model: {first_line(exc, 200)}") from None
+        values = dict(zip(wanted, outs, strict=True))
         values[input_name] = batch
         yield [values[t] for t in tensors]
 
