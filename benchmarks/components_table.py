@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from tinyptq.config import QuantConfig
 from tinyptq.models.usecases import get_use_case
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.pipeline import Pipeline, PTQState
+from tinyptq.pipeline_file import PipelineSpec
 from tinyptq.sim import QuantSim
 
 # cumulative: each row adds one component to the one before

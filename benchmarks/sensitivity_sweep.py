@@ -35,7 +35,8 @@ from tinyptq.config import QuantConfig
 from tinyptq.executor import ACTIVATION, WEIGHT
 from tinyptq.metrics import sqnr_db
 from tinyptq.models.usecases import get_use_case
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.pipeline import Pipeline, PTQState
+from tinyptq.pipeline_file import PipelineSpec
 from tinyptq.quant import Encoding, QuantSpec
 from tinyptq.sim import QuantSim
 

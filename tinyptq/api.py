@@ -14,7 +14,8 @@ from tinyptq import __version__
 from tinyptq.errors import ConfigError
 from tinyptq.metrics import MetricResult, weight_bytes
 from tinyptq.params import CALIB_SAMPLES, SEED, validate
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState, order_problem
+from tinyptq.pipeline import Pipeline, PTQState, order_problem
+from tinyptq.pipeline_file import PipelineSpec
 from tinyptq.sim import QuantSim
 
 BUILTIN_PIPELINES = Path(__file__).parent / "pipelines"

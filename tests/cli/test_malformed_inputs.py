@@ -31,14 +31,8 @@ from tinyptq.cli import CheckedOption, cli
 from tinyptq.config import LayerOverride, QuantConfig
 from tinyptq.errors import ConfigError
 from tinyptq.params import Constraint, Integer
-from tinyptq.pipeline import (
-    CALIBRATION_CONSTRAINTS,
-    PipelineSpec,
-    Stage,
-    create_stage,
-    register,
-    registry,
-)
+from tinyptq.pipeline import Stage, create_stage, register, registry
+from tinyptq.pipeline_file import CALIBRATION_CONSTRAINTS, PipelineSpec
 
 
 # ------------------------------------------------------------- generation

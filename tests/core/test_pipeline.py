@@ -10,15 +10,8 @@ from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError
 from tinyptq.graph.keras_graph import KerasGraph
 from tinyptq.params import Real
-from tinyptq.pipeline import (
-    Pipeline,
-    PipelineSpec,
-    PTQState,
-    Stage,
-    create_stage,
-    register,
-    registry,
-)
+from tinyptq.pipeline import Pipeline, PTQState, Stage, create_stage, register, registry
+from tinyptq.pipeline_file import PipelineSpec
 
 from .test_graph import tiny_resnet
 

@@ -15,7 +15,8 @@ from tinyptq.export.runstate import CONTEXT, STATE_FILE, load_state
 from tinyptq.graph.loading import load_graph
 from tinyptq.metrics import accuracy, check_reconstruction, top1_agreement
 from tinyptq.paths import check_out_dir, prepare_out_dir, safe_name
-from tinyptq.pipeline import Pipeline, PipelineSpec, order_problem
+from tinyptq.pipeline import Pipeline, order_problem
+from tinyptq.pipeline_file import PipelineSpec
 from tinyptq.signing import dump_signed
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tinyptq.config import QuantConfig
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.pipeline import Pipeline, PTQState
+from tinyptq.pipeline_file import PipelineSpec
 
 DEFAULT_STAGES = ("bn_folding", "range_setting")
 

@@ -10,7 +10,8 @@ import pytest
 from tinyptq.cli import main
 from tinyptq.config import QuantConfig
 from tinyptq.export.runstate import CONTEXT, STATE_FILE, load_state, save_state
-from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+from tinyptq.pipeline import Pipeline, PTQState
+from tinyptq.pipeline_file import PipelineSpec
 from tinyptq.signing import SignatureMismatch, dump_signed
 
 

@@ -30,14 +30,8 @@ from tinyptq.params import (
     validate,
 )
 from tinyptq.paths import safe_name
-from tinyptq.pipeline import (
-    PipelineSpec,
-    create_stage,
-    option_constraint,
-    order_problem,
-    read_yaml,
-    registry,
-)
+from tinyptq.pipeline import create_stage, option_constraint, order_problem, registry
+from tinyptq.pipeline_file import PipelineSpec, read_yaml
 from tinyptq.quant import BITS
 
 TOP_KEYS = (

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tinyptq.cache import content_hash
-from tinyptq.pipeline import PipelineSpec, Stage
+from tinyptq.pipeline import Stage
+from tinyptq.pipeline_file import PipelineSpec
 
 
 def uses_quant_config(stages: Sequence[Stage]) -> bool:

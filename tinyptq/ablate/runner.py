@@ -27,7 +27,7 @@ from tinyptq.ablate.prefix import prefix_keys
 from tinyptq.ablate.store import RECORDS_DIR, ResultStore, StoreError, rebuild_store
 from tinyptq.ablate.worker import Task
 from tinyptq.errors import TinyPTQError
-from tinyptq.pipeline import PipelineSpec
+from tinyptq.pipeline_file import PipelineSpec
 
 LOCK_FILE = "ablate.lock"
 

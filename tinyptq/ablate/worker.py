@@ -122,7 +122,8 @@ def _calibration(task: Task, uc, graph, n: int, seed: int):
 
 def _run(task: Task) -> dict[str, Any]:
     from tinyptq.metrics import bops, weight_bytes
-    from tinyptq.pipeline import Pipeline, PipelineSpec, PTQState
+    from tinyptq.pipeline import Pipeline, PTQState
+    from tinyptq.pipeline_file import PipelineSpec
     from tinyptq.sim import QuantSim
 
     uc, base_graph, fingerprint, data, fp32 = _use_case(task)
