@@ -39,8 +39,9 @@ class Quantizer:
     Variable shapes never change, so gradients flow through the on/off branch.
     """
 
-    def __init__(self, name: str, channel_axis: int, channels: int | None = None) -> None:
+    def __init__(self, name: str, channel_axis: int, channels: int | None = None, rng: Any = None) -> None:
         self.name = name
+        self.rng = rng  # tf.random.Generator for QDrop (None: dropping unavailable)
         self.channel_axis = channel_axis
         self.channels = channels
         self.encoding: Encoding | None = None
@@ -50,6 +51,7 @@ class Quantizer:
         self._qmin = tf.Variable(0.0, trainable=False, name="qmin")
         self._qmax = tf.Variable(255.0, trainable=False, name="qmax")
         self._enabled = tf.Variable(False, trainable=False, name="enabled")
+        self._drop = tf.Variable(0.0, trainable=False, name="drop")
 
     @property
     def enabled(self) -> bool:
@@ -79,6 +81,14 @@ class Quantizer:
         self._qmax.assign(float(enc.qmax))
         self.encoding = enc
 
+    def set_drop(self, probability: float) -> None:
+        """QDrop: keep each value in float with this probability (0: always quantize)."""
+        if not 0.0 <= float(probability) <= 1.0:
+            raise ConfigError(f"drop probability of '{self.name}' must be in [0, 1], got {probability!r}")
+        if probability and self.rng is None:
+            raise ConfigError(f"quantizer '{self.name}' has no random generator for dropping")
+        self._drop.assign(float(probability))
+
     def enable(self, on: bool = True) -> None:
         """Switch the quantizer on (or off)."""
         if on and self.encoding is None:
@@ -96,8 +106,15 @@ class Quantizer:
             zero_point = tf.reshape(self._zero_point, shape)
             return fake_quant_tf(x, scale, zero_point, self._qmin.read_value(), self._qmax.read_value())
 
+        def dropped() -> Any:  # QDrop: a random part of the values stays in float
+            keep_float = self.rng.uniform(tf.shape(x)) < self._drop
+            return tf.where(keep_float, x, quantized())
+
+        def on() -> Any:
+            return tf.cond(self._drop > 0.0, dropped, quantized) if self.rng is not None else quantized()
+
         # a branch, not tf.where: a disabled quantizer costs nothing
-        return tf.cond(self._enabled, quantized, lambda: tf.identity(x))
+        return tf.cond(self._enabled, on, lambda: tf.identity(x))
 
 
 class Executor:
@@ -121,9 +138,12 @@ class Executor:
         self.biases = {
             n: tf.Variable(s.bias, name=f"{_safe(n)}_bias") for n, s in self.specs.items() if s.bias is not None
         }
+        self.rng = tf.random.Generator.from_seed(0)  # QDrop's draws: same seed, same draws
         self.act_quantizers = {
-            p.name: Quantizer(p.name, graph.tensor_channel_axis(p.name)) for p in graph.act_points()
+            p.name: Quantizer(p.name, graph.tensor_channel_axis(p.name), rng=self.rng) for p in graph.act_points()
         }
+        # a layer whose kernel is computed by a function (e.g. AdaRound's soft rounding), not its quantizer
+        self.weight_transforms: dict[str, Callable[[Any, Quantizer], Any]] = {}
         # canonical kernels: output channels first
         self.weight_quantizers = {n: Quantizer(n, 0, s.out_channels) for n, s in self.specs.items()}
         self._compiled: dict[tuple, Any] = {}
@@ -168,6 +188,27 @@ class Executor:
         else:
             self.biases[layer] = tf.Variable(bias, name=f"{_safe(layer)}_bias")
             self._compiled.clear()
+
+    def set_weight_transform(self, layer: str, transform: Callable[[Any, Quantizer], Any] | None) -> None:
+        """Compute ``layer``'s kernel as ``transform(kernel_variable, weight_quantizer)`` (None: back to
+        the quantizer). The transform may read its own variables (e.g. AdaRound's rounding logits);
+        compiled functions are traced again once."""
+        if layer not in self.specs:
+            raise ConfigError(f"no quantizable layer named '{layer}'")
+        if transform is None:
+            self.weight_transforms.pop(layer, None)
+        else:
+            self.weight_transforms[layer] = transform
+        self._compiled.clear()
+
+    def set_drop(self, probability: float, points: Sequence[str] | None = None) -> None:
+        """QDrop on the activation quantizers ``points`` (default: all)."""
+        for name in points if points is not None else list(self.act_quantizers):
+            self.quantizer(name, ACTIVATION).set_drop(probability)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the random draws (QDrop) from ``seed``."""
+        self.rng.reset_from_seed(int(seed))
 
     @staticmethod
     def _layer_var(table: dict[str, Any], layer: str, what: str) -> Any:
@@ -249,7 +290,9 @@ class Executor:
     def _layer(self, name: str, x: Any) -> Any:
         """A conv / depthwise / dense layer on ``x`` with its (fake-quantized) kernel and bias."""
         spec = self.specs[name]
-        kernel = self.weight_quantizers[name](self.kernels[name])
+        transform = self.weight_transforms.get(name)
+        quantizer = self.weight_quantizers[name]
+        kernel = quantizer(self.kernels[name]) if transform is None else transform(self.kernels[name], quantizer)
         bias = self.biases.get(name)
         if spec.kind == "dense":
             return run_dense(x, kernel, bias)

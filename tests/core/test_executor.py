@@ -231,3 +231,38 @@ def test_sub_graph_needs_its_inputs(tiny):
     branch = graph.quant_layer(block.layers[0]).output_point  # one branch only: the other needs the input
     with pytest.raises(ConfigError, match="model input"):
         sim.function([block.output_point], inputs=[branch])
+
+
+# ------------------------------------------------------- rounding hooks
+def test_qdrop_keeps_a_seeded_random_part_in_float(tiny):
+    graph, _, x = tiny
+    state = quantized_state(graph, x, bits=3)
+    sim = QuantSim(state)
+    point = state.graph.act_points()[1].name
+    quantized = sim.run(x, outputs=[point])[point]
+    raw = sim.run(x, outputs=[point], raw=[point])[point]
+    sim.executor.set_drop(0.5, [point])
+    sim.executor.reseed(7)
+    first = sim.run(x, outputs=[point])[point]
+    sim.executor.reseed(7)
+    again = sim.run(x, outputs=[point])[point]
+    np.testing.assert_array_equal(first, again)  # same seed, same draws
+    from_float = np.mean((first == raw) & (raw != quantized)) / np.mean(raw != quantized)
+    assert 0.4 < from_float < 0.6
+    assert np.all((first == raw) | (first == quantized))
+    sim.executor.set_drop(0.0)
+    np.testing.assert_array_equal(sim.run(x, outputs=[point])[point], quantized)
+
+
+def test_a_weight_transform_replaces_the_kernel_quantizer(tiny):
+    graph, _, x = tiny
+    state = quantized_state(graph, x)
+    sim = QuantSim(state)
+    layer = state.graph.quant_layers()[0].name
+    before = sim.predict(x)
+    sim.executor.set_weight_transform(layer, lambda kernel, q: q(kernel) * 0.0)
+    zeroed = sim.predict(x)
+    sim.executor.set_kernel(layer, np.zeros_like(state.graph.kernel(layer)))
+    sim.executor.set_weight_transform(layer, None)
+    np.testing.assert_array_equal(zeroed, sim.predict(x))
+    assert not np.array_equal(before, zeroed)
