@@ -141,6 +141,8 @@ class Stage:
     batch norms (bn_folding); there a ``requires`` naming it is met without it.
     ``uses_quant_config``: False for stages whose result does not depend on
     bit-widths or granularity (their output is shared across bit settings).
+    ``rounds_weights``: True for stages that choose the kernels' rounding
+    (``state.fixed_weights``: adaround, brecq, gptq); a pipeline has at most one.
     ``parameter_constraints``: one :mod:`tinyptq.params` constraint per
     constructor option. Every constructor is wrapped (``__init_subclass__``) so
     that its options are validated, and normalized, before its body runs:
@@ -153,6 +155,7 @@ class Stage:
     precedes: ClassVar[tuple[str, ...]] = ()
     batch_norms_only: ClassVar[bool] = False
     uses_quant_config: ClassVar[bool] = True
+    rounds_weights: ClassVar[bool] = False
     parameter_constraints: ClassVar[dict[str, Constraint]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -283,6 +286,9 @@ def order_problem(stage_names: list[str], batch_norms: bool | None = None) -> st
         if cls is None:
             return f"unknown stage '{name}'"
         earlier = stage_names[:i]
+        rounding = [e for e in earlier if stages[e].rounds_weights] if cls.rounds_weights else []
+        if rounding:  # the later one would start from, and overwrite, the earlier one's rounding
+            return f"{rounding[0]} and {name} both round the weights: use one rounding stage"
         for req in cls.requires:
             waived = batch_norms is False and req in stages and stages[req].batch_norms_only
             if req not in earlier and not waived:

@@ -170,7 +170,10 @@ def plan(name: str, full: bool = False) -> tuple[list[str], list[str]]:
     """
     before = requirements(name)
     if full:
-        before |= set(registry()) - forced_after(name) - {name}
+        stages = registry()
+        # one rounding stage per pipeline (and a fast test): rounding stages stay out of prefixes
+        rounding = {s for s, cls in stages.items() if cls.rounds_weights}
+        before |= set(stages) - forced_after(name) - {name} - rounding
     prefix = constraint_order(before)
     suffix: list[str] = []
     if RANGE not in prefix and name != RANGE:
@@ -185,7 +188,11 @@ _OTHER_STRINGS = {
     ("range_setting", "weights"): "mse",
     ("range_setting", "activations"): "percentile",
     ("bias_correction", "method"): "analytical",
+    ("adaround", "input_from"): "float",
+    ("brecq", "loss"): "fisher",
 }
+# options held small in every variant: reconstruction learns 2000 iterations per layer by default
+QUICK = {"iterations": 4}
 
 
 def _candidates(stage: str, option: str, param: inspect.Parameter) -> list[Any]:
@@ -227,8 +234,13 @@ def custom_options(name: str) -> dict[str, Any]:
     return accepted
 
 
+def quick(name: str) -> dict[str, Any]:
+    """The QUICK options that stage ``name`` takes."""
+    return {k: v for k, v in QUICK.items() if k in registry()[name].param_names()}
+
+
 STAGE_NAMES = sorted(registry())
-OPTION_SETS = {name: {"default": {}, "custom": custom_options(name)} for name in STAGE_NAMES}
+OPTION_SETS = {name: {"default": quick(name), "custom": {**custom_options(name), **quick(name)}} for name in STAGE_NAMES}
 OPTION_CASES = [
     pytest.param(name, kind, id=f"{name}-{kind}")
     for name in STAGE_NAMES

@@ -266,3 +266,13 @@ def test_a_weight_transform_replaces_the_kernel_quantizer(tiny):
     sim.executor.set_weight_transform(layer, None)
     np.testing.assert_array_equal(zeroed, sim.predict(x))
     assert not np.array_equal(before, zeroed)
+
+
+def test_a_grouped_keras_conv_reports_its_groups():
+    inp = keras.Input((6, 6, 4))
+    out = keras.layers.Conv2D(6, 3, groups=2, padding="same")(inp)
+    graph = KerasGraph.from_keras(keras.Model(inp, out))
+    spec = graph.layer_spec(graph.quant_layers()[0].name)
+    assert spec.groups == 2 and spec.in_channels == 4 and spec.kernel.shape == (6, 2, 3, 3)
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 4)).astype(np.float32)
+    np.testing.assert_allclose(Executor(graph).run(x)[graph.output_names[0]], graph.predict(x), atol=1e-5)

@@ -233,7 +233,8 @@ class KerasGraph(ModelGraph):
             return KernelLayout((2, 3, 0, 1), self.node(layer).weights[0].shape[2], merge_first_two=True)
         if kind == "dense":  # (in, out)
             return KernelLayout((1, 0))
-        return KernelLayout((3, 2, 0, 1))  # conv (kh, kw, in, out)
+        groups = int(self.node(layer).config.get("groups", 1) or 1)
+        return KernelLayout((3, 2, 0, 1), groups)  # conv (kh, kw, in // groups, out)
 
     def tensor_channel_axis(self, name: str) -> int:
         return -1  # Keras models here are channels-last
