@@ -39,9 +39,9 @@ def test_ablate_writes_store_and_report(tiny_grid, tmp_path, capsys):
 
 
 def test_user_errors_are_one_line(tiny_grid, tmp_path, capsys):
-    tiny_grid["toggles"] = {"adaround": ["off", "on"]}
+    tiny_grid["toggles"] = {"no_such_stage": ["off", "on"]}
     cases = [
-        (["ablate", "--grid", str(_grid_file(tmp_path, tiny_grid))], "unknown stage 'adaround'"),
+        (["ablate", "--grid", str(_grid_file(tmp_path, tiny_grid))], "unknown stage 'no_such_stage'"),
         (["ablate", "--grid", str(tmp_path / "none.yaml")], "grid file not found"),
         (["ablate", "--grid", "x.yaml", "--executor", "slurm"], "'slurm' is not one of 'local', 'ray'"),
         (["report", str(tmp_path / "empty")], "no results in"),

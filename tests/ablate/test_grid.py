@@ -92,8 +92,8 @@ def test_bits_forms_and_granularity():
             "grid option 'granularity' must be one of 'per_tensor', 'per_channel', got 'per_group'",
         ),
         (
-            {"toggles": {"adaround": ["off", "on"]}},
-            "unknown stage 'adaround' in toggle 'adaround'; valid stages:",
+            {"toggles": {"no_such_stage": ["off", "on"]}},
+            "unknown stage 'no_such_stage' in toggle 'no_such_stage'; valid stages:",
         ),
         (
             {"toggles": {"bias_correction": ["off", "on"]}},

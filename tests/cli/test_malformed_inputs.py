@@ -151,21 +151,30 @@ CLI_BOUNDARY = [
 
 
 # ---------------------------------------------------------------- files
+ROUNDING = {name for name, cls in registry().items() if cls.rounds_weights}
+
+
 def base_pipeline(stage_options: dict[str, dict[str, Any]] | None = None, **keys: Any) -> dict:
-    """Every registered stage in a valid order, with options where given."""
+    """Every registered stage in a valid order, with options where given.
+
+    One rounding stage at most (a pipeline takes one): the one given options, else none.
+    """
     stage_options = stage_options or {}
-    stages = [{s: stage_options[s]} if s in stage_options else s for s in STAGES]
+    rounding = next((s for s in stage_options if s in ROUNDING), None)
+    kept = [s for s in STAGES if s not in ROUNDING or s == rounding]
+    stages = [{s: stage_options[s]} if s in stage_options else s for s in kept]
     return {"name": "malformed", "stages": stages, **keys}
 
 
 def base_grid(**changes: Any) -> dict:
     """A one-run grid over the base pipeline (ic: nothing is loaded for a dry run)."""
+    toggled = {key.partition(".")[0] for key in changes.get("toggles", {})}
     grid = {
         "name": "malformed",
         "use_cases": ["ic"],
         "bits": ["W8A8"],
         "granularity": ["per_channel"],
-        "pipeline": base_pipeline(),
+        "pipeline": base_pipeline({s: {} for s in toggled & ROUNDING}),
     }
     grid.update(changes)
     return grid
@@ -342,6 +351,8 @@ def test_boundary_grid_toggle_value_is_accepted(key, value):
         stage_options[stage] = {
             k: v for k, v in stage_options_with(stage, option, value).items() if k != option
         }
+    if stage in ROUNDING:  # the one rounding stage of the base pipeline
+        stage_options.setdefault(stage, {})
     grid = base_grid(pipeline=base_pipeline(stage_options), toggles={key: [value]})
     assert Grid.from_dict(grid).toggles[key]
 
