@@ -190,6 +190,11 @@ class Stage:
         sig = inspect.signature(cls.__init__)
         return [p for p in sig.parameters if p != "self"]
 
+    @classmethod
+    def streams_batches(cls) -> bool:
+        """Whether ``batch_size`` (if an option) is how many calibration samples are streamed at a time."""
+        return "batch_size" in cls.param_names()
+
     def get_params(self) -> dict[str, Any]:
         """The options this stage was built with."""
         return {p: getattr(self, p) for p in self.param_names()}

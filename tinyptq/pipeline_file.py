@@ -97,14 +97,16 @@ class PipelineSpec:
         """The stage objects, in order.
 
         ``calibration.batch_size``, when set, is the batch size of every stage
-        that takes one and does not set its own.
+        that streams the calibration data in batches and does not set its own
+        (not of the reconstruction stages, whose ``batch_size`` is the
+        optimization's minibatch).
         """
         default = self.calibration.get("batch_size")
         stages = registry()
         built = []
         for name, opts in self.stages:
             cls = stages.get(name)
-            if default is not None and cls is not None and "batch_size" in cls.param_names():
+            if default is not None and cls is not None and cls.streams_batches():
                 opts = {"batch_size": default, **opts}
             built.append(create_stage(name, opts))
         return built

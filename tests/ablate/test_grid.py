@@ -139,8 +139,68 @@ def test_missing_required_key(tiny_grid):
 def test_shipped_grids_parse(name):
     grid = Grid.from_yaml(ABLATIONS / f"{name}.yaml")
     runs = grid.expand()
-    # the one order rule these grids meet: cle with bn_folding off (their models all have batch norms)
-    assert runs and all(r.skip_reason in (None, "cle needs bn_folding before it") for r in runs)
+    # the order rules these grids meet: cle with bn_folding off (their models all have batch
+    # norms), and two rounding stages at once
+    rounding = ("adaround", "brecq", "gptq")
+    pairs = [r for r in runs if sum(r.toggles.get(k) == "on" for k in rounding) > 1]
+    assert all("both round the weights" in r.skip_reason for r in pairs)
+    others = [r for r in runs if r not in pairs]
+    assert others and all(r.skip_reason in (None, "cle needs bn_folding before it") for r in others)
     off = [r for r in runs if r.toggles.get("bn_folding") == "off" and r.toggles.get("cle") == "on"]
-    assert all(r.skip_reason for r in off) and sum(r.skip_reason is None for r in runs) == len(runs) - len(off)
+    assert all(r.skip_reason for r in off)
+    assert sum(r.skip_reason is None for r in runs) == len(runs) - len(off) - len(pairs)
     assert len({r.run_id for r in runs}) == len(runs)
+
+
+def _rounding_grid(tiny_grid: dict) -> dict:
+    """tiny_grid with two sub-grids: cle on/off at nearest rounding; the rounding axis with cle on."""
+    tiny_grid["pipeline"]["stages"] += [{"adaround": {"iterations": 4}}, {"gptq": {}}]
+    tiny_grid["toggles"] = [
+        {"cle": ["off", "on"], "adaround": "off", "gptq": "off"},
+        {"range_setting.weights": "mse", "adaround": ["off", "on"], "gptq": ["off", "on"]},
+    ]
+    return tiny_grid
+
+
+def test_subgrids_expand_one_after_the_other_with_base_values_for_left_out_toggles(tiny_grid):
+    grid = Grid.from_dict(_rounding_grid(tiny_grid))
+    assert grid.toggles == {
+        "cle": ["off", "on"],
+        "adaround": ["off", "on"],
+        "gptq": ["off", "on"],
+        "range_setting.weights": ["mse"],
+    }
+    runs = grid.expand()
+    # per bit setting: 2 points of sub-grid 1, 4 of sub-grid 2 (cle on: the base pipeline's value)
+    assert len(runs) == 2 * (2 + 4) and len({r.run_id for r in runs}) == len(runs)
+    first = [r for r in runs if r.toggles["range_setting.weights"] == "minmax"]
+    assert len(first) == 4 and all(r.toggles["adaround"] == r.toggles["gptq"] == "off" for r in first)
+    second = [r for r in runs if r.toggles["range_setting.weights"] == "mse"]
+    assert all(r.toggles["cle"] == "on" for r in second)
+    both = [r for r in second if r.toggles["adaround"] == r.toggles["gptq"] == "on"]
+    assert len(both) == 2 and all("both round the weights" in r.skip_reason for r in both)
+    ada = [r for r in second if r.toggles["adaround"] == "on" and r.toggles["gptq"] == "off"]
+    assert [s for r in ada for s in r.stage_names()].count("adaround") == 2
+    assert all(r.skip_reason is None and "gptq" not in r.stage_names() for r in ada)
+    assert len(grid.to_dict()["subgrids"]) == 2
+
+
+def test_a_point_two_subgrids_share_is_one_run(tiny_grid):
+    tiny_grid["toggles"] = [{"cle": ["off", "on"]}, {"cle": "on", "range_setting.weights": ["minmax", "mse"]}]
+    runs = Grid.from_dict(tiny_grid).expand()
+    # sub-grid 1: cle off/on (minmax); sub-grid 2: minmax/mse (cle on): cle on + minmax is in both
+    assert len(runs) == 2 * 3 and len({r.run_id for r in runs}) == len(runs)
+
+
+@pytest.mark.parametrize(
+    "toggles, message",
+    [
+        ([], "grid key 'toggles' is an empty list"),
+        ([{"cle": ["off", "on"]}, ["cle"]], "grid key 'toggles' must be a mapping like"),
+        ([{"cle": ["off", "on"]}, {"brecq": ["off", "on"]}], "stage 'brecq' is not in the base pipeline"),
+    ],
+)
+def test_subgrid_errors(tiny_grid, toggles, message):
+    tiny_grid["toggles"] = toggles
+    with pytest.raises(ConfigError, match=message):
+        Grid.from_dict(tiny_grid)

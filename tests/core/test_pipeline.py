@@ -110,3 +110,12 @@ def test_calibration_batch_size_is_the_default_of_stages_that_take_one():
     assert rs.batch_size == 16 and bc.batch_size == 8  # a stage's own option wins
     assert "batch_size" not in bn.get_params()
     assert PipelineSpec.from_dict({"stages": ["range_setting"]}).build()[0].batch_size == 128
+
+
+def test_calibration_batch_size_leaves_the_reconstruction_minibatch_alone():
+    spec = PipelineSpec.from_dict(
+        {"calibration": {"batch_size": 256}, "stages": ["range_setting", "adaround", "gptq"]}
+    )
+    rs, ada, gptq = spec.build()
+    assert rs.batch_size == 256 and gptq.batch_size == 256  # streamed calibration batches
+    assert ada.batch_size == 16  # adaround's batch_size is its optimization minibatch

@@ -100,7 +100,8 @@ class Grid:
     use_cases: list[str]
     bits: list[BitSetting]
     pipeline: PipelineSpec
-    toggles: dict[str, list[Any]] = field(default_factory=dict)
+    toggles: dict[str, list[Any]] = field(default_factory=dict)  # every key, every value listed
+    subgrids: list[dict[str, list[Any]]] = field(default_factory=list)  # [] : one, ``toggles``
     calib_samples: list[int] = field(default_factory=lambda: [256])
     calib_batch_size: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -142,17 +143,18 @@ class Grid:
             use_cases=_parse_use_cases(data["use_cases"]),
             bits=_parse_bits(data["bits"], granularity),
             pipeline=pipeline,
-            toggles=_parse_toggles(data.get("toggles") or {}, pipeline),
+            subgrids=_parse_subgrids(_or_empty(data.get("toggles")), pipeline),
             calib_samples=_values(calibration.get("samples", [256]), "calibration.samples"),
             calib_batch_size=_value(calibration.get("batch_size"), "calibration.batch_size"),
             seeds=_values(data.get("seeds", [0]), "seeds"),
             source=source,
         )
+        grid.toggles = _merged(grid.subgrids)
         return grid
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data describing the grid (stored with the results)."""
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "source": self.source,
@@ -166,23 +168,52 @@ class Grid:
             },
             "seeds": list(self.seeds),
         }
+        if len(self.subgrids) > 1:
+            out["subgrids"] = [
+                {k: [_value_text(v) for v in vals] for k, vals in sub.items()}
+                for sub in self.spaces()
+            ]
+        return out
 
     # ----------------------------------------------------------- expansion
+    def spaces(self) -> list[dict[str, list[Any]]]:
+        """The toggle sub-grids, each with every toggle key (one it leaves out: the base value)."""
+        subgrids = self.subgrids or [self.toggles]
+        return [
+            {key: sub.get(key, [self._base_value(key)]) for key in self.toggles} for sub in subgrids
+        ]
+
+    def _base_value(self, key: str) -> Any:
+        """What the base pipeline does for toggle ``key``: on, its option's value, its quant field."""
+        head, _, option = key.partition(".")
+        if head == "quant":
+            return self.pipeline.quant.get(option, getattr(QuantConfig(), option))
+        if not option:
+            return ON
+        opts = dict(self.pipeline.stages[[n for n, _ in self.pipeline.stages].index(head)][1])
+        return create_stage(head, opts).get_params()[option]
+
     def expand(self) -> list[Run]:
-        """Every grid point as a Run (ParameterGrid order), incompatible ones with a skip reason."""
-        space: dict[str, list[Any]] = {
-            "use_case": list(self.use_cases),
-            "bits": list(self.bits),
-            "calib_samples": list(self.calib_samples),
-            "seed": list(self.seeds),
-        }
+        """Every grid point as a Run (ParameterGrid order, sub-grid by sub-grid, each point once).
+
+        Incompatible points get a skip reason.
+        """
         keys = list(self.toggles)
-        space.update({f"toggle:{i}": list(vals) for i, vals in enumerate(self.toggles.values())})
-        runs = []
-        for point in ParameterGrid(space):
-            toggles = {k: point[f"toggle:{i}"] for i, k in enumerate(keys)}
-            runs.append(self._resolve(point, toggles))
-        return runs
+        spaces = []
+        for sub in self.spaces():
+            space: dict[str, list[Any]] = {
+                "use_case": list(self.use_cases),
+                "bits": list(self.bits),
+                "calib_samples": list(self.calib_samples),
+                "seed": list(self.seeds),
+            }
+            space.update({f"toggle:{i}": list(sub[k]) for i, k in enumerate(keys)})
+            spaces.append(space)
+        runs: dict[str, Run] = {}
+        for point in ParameterGrid(spaces):
+            run = self._resolve(point, {k: point[f"toggle:{i}"] for i, k in enumerate(keys)})
+            runs.setdefault(run.run_id, run)
+        return list(runs.values())
 
     def _resolve(self, point: dict[str, Any], toggles: dict[str, Any]) -> Run:
         bits: BitSetting = point["bits"]
@@ -330,9 +361,35 @@ def _parse_pipeline(value: Any, base_dir: Path | None) -> PipelineSpec:
     return load_pipeline(value)
 
 
+def _or_empty(toggles: Any) -> Any:
+    """No toggles (key absent or null): one sub-grid without toggles."""
+    return {} if toggles is None else toggles
+
+
+def _parse_subgrids(toggles: Any, pipeline: PipelineSpec) -> list[dict[str, list[Any]]]:
+    """``toggles``: one mapping, or a list of them (sub-grids expanded one after the other)."""
+    if isinstance(toggles, list):
+        if not toggles:
+            raise ConfigError("grid key 'toggles' is an empty list")
+        return [_parse_toggles(sub, pipeline) for sub in toggles]
+    return [_parse_toggles(toggles, pipeline)]
+
+
+def _merged(subgrids: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    """Every toggle key of the sub-grids with every value they list (first-seen order)."""
+    out: dict[str, list[Any]] = {}
+    for sub in subgrids:
+        for key, values in sub.items():
+            seen = out.setdefault(key, [])
+            seen.extend(v for v in values if _value_text(v) not in map(_value_text, seen))
+    return out
+
+
 def _parse_toggles(toggles: Any, pipeline: PipelineSpec) -> dict[str, list[Any]]:
     if not isinstance(toggles, dict):
-        raise ConfigError("grid key 'toggles' must be a mapping like {cle: [off, on]}")
+        raise ConfigError(
+            "grid key 'toggles' must be a mapping like {cle: [off, on]} or a list of such mappings"
+        )
     in_pipeline = [name for name, _ in pipeline.stages]
     quant_fields = [f for f in QuantConfig.field_constraints if f not in NOT_TOGGLED]
     out: dict[str, list[Any]] = {}
