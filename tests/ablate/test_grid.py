@@ -99,7 +99,10 @@ def test_bits_forms_and_granularity():
             {"toggles": {"bias_correction": ["off", "on"]}},
             "stage 'bias_correction' is not in the base pipeline",
         ),
-        ({"toggles": {"cle": ["maybe"]}}, "grid toggle option 'cle' must be on or off, got 'maybe'"),
+        (
+            {"toggles": {"cle": ["maybe"]}},
+            "grid toggle option 'cle' must be on or off, got 'maybe'",
+        ),
         (
             {"toggles": {"range_setting.weights": ["minmax", "best"]}},
             "grid toggle option 'range_setting.weights' must be one of 'kl', 'minmax'",
@@ -109,12 +112,18 @@ def test_bits_forms_and_granularity():
             "unknown option 'colour' for stage 'range_setting'; valid options:",
         ),
         ({"toggles": {"quant.speed": [1]}}, "unknown quant toggle 'speed'; valid:"),
-        ({"calibration": {"samples": [0]}}, "grid option 'calibration.samples' must be an integer >= 1, got 0"),
+        (
+            {"calibration": {"samples": [0]}},
+            "grid option 'calibration.samples' must be an integer >= 1, got 0",
+        ),
         (
             {"calibration": {"size": [8]}},
             "unknown calibration key 'size'; valid: samples, batch_size",
         ),
-        ({"seeds": ["zero"]}, "grid option 'seeds' must be an integer in [0, 4294967295], got 'zero'"),
+        (
+            {"seeds": ["zero"]},
+            "grid option 'seeds' must be an integer in [0, 4294967295], got 'zero'",
+        ),
         (
             {"pipeline": "no-such-pipeline"},
             "pipeline 'no-such-pipeline' is neither a file nor a built-in",
@@ -174,7 +183,9 @@ def test_subgrids_expand_one_after_the_other_with_base_values_for_left_out_toggl
     # per bit setting: 2 points of sub-grid 1, 4 of sub-grid 2 (cle on: the base pipeline's value)
     assert len(runs) == 2 * (2 + 4) and len({r.run_id for r in runs}) == len(runs)
     first = [r for r in runs if r.toggles["range_setting.weights"] == "minmax"]
-    assert len(first) == 4 and all(r.toggles["adaround"] == r.toggles["gptq"] == "off" for r in first)
+    assert len(first) == 4 and all(
+        r.toggles["adaround"] == r.toggles["gptq"] == "off" for r in first
+    )
     second = [r for r in runs if r.toggles["range_setting.weights"] == "mse"]
     assert all(r.toggles["cle"] == "on" for r in second)
     both = [r for r in second if r.toggles["adaround"] == r.toggles["gptq"] == "on"]
@@ -186,7 +197,10 @@ def test_subgrids_expand_one_after_the_other_with_base_values_for_left_out_toggl
 
 
 def test_a_point_two_subgrids_share_is_one_run(tiny_grid):
-    tiny_grid["toggles"] = [{"cle": ["off", "on"]}, {"cle": "on", "range_setting.weights": ["minmax", "mse"]}]
+    tiny_grid["toggles"] = [
+        {"cle": ["off", "on"]},
+        {"cle": "on", "range_setting.weights": ["minmax", "mse"]},
+    ]
     runs = Grid.from_dict(tiny_grid).expand()
     # sub-grid 1: cle off/on (minmax); sub-grid 2: minmax/mse (cle on): cle on + minmax is in both
     assert len(runs) == 2 * 3 and len({r.run_id for r in runs}) == len(runs)
@@ -197,7 +211,10 @@ def test_a_point_two_subgrids_share_is_one_run(tiny_grid):
     [
         ([], "grid key 'toggles' is an empty list"),
         ([{"cle": ["off", "on"]}, ["cle"]], "grid key 'toggles' must be a mapping like"),
-        ([{"cle": ["off", "on"]}, {"brecq": ["off", "on"]}], "stage 'brecq' is not in the base pipeline"),
+        (
+            [{"cle": ["off", "on"]}, {"brecq": ["off", "on"]}],
+            "stage 'brecq' is not in the base pipeline",
+        ),
     ],
 )
 def test_subgrid_errors(tiny_grid, toggles, message):

@@ -177,7 +177,9 @@ def test_a_cached_prefix_keeps_the_config_its_stages_wrote(config_writer, tiny_g
 
 
 def test_a_prefix_shared_across_bit_widths_takes_each_runs_config(tiny_grid, tmp_path):
-    tiny_grid["toggles"] = {"range_setting.weights": ["minmax", "mse"]}  # cle on: bn_folding + cle shared
+    tiny_grid["toggles"] = {
+        "range_setting.weights": ["minmax", "mse"]
+    }  # cle on: bn_folding + cle shared
     _run(tiny_grid, tmp_path)
     _forget_results(tmp_path)
     _run(tiny_grid, tmp_path)
@@ -198,6 +200,38 @@ def test_the_planner_shares_prefixes_within_a_use_case_and_calibration_set(tiny_
     tasks = plan_tasks(Grid.from_dict(tiny_grid).expand(), tmp_path, None, None)
     assert len(tasks) == 4 and all(t.shared_prefixes == [] for t in tasks.values())
 
-    tiny_grid["bits"] = ["W8A8", "W4A8"]  # bn_folding + cle shared across bit-widths, range_setting not
+    tiny_grid["bits"] = [
+        "W8A8",
+        "W4A8",
+    ]  # bn_folding + cle shared across bit-widths, range_setting not
     tasks = plan_tasks(Grid.from_dict(tiny_grid).expand(), tmp_path, None, None)
     assert len(tasks) == 8 and all(t.shared_prefixes == [1, 2] for t in tasks.values())
+
+
+def test_a_rounding_subgrid_runs_stores_and_matches_a_plain_pipeline(tiny_grid, tmp_path):
+    from tinyptq import api
+
+    tiny_grid["bits"] = ["W4A8"]
+    tiny_grid["pipeline"]["stages"] += [{"adaround": {"iterations": 4}}, {"gptq": {}}]
+    tiny_grid["toggles"] = [
+        {"cle": ["off", "on"], "adaround": "off", "gptq": "off"},
+        {"adaround": ["off", "on"], "gptq": ["off", "on"]},
+    ]
+    summary, _ = _run(tiny_grid, tmp_path)
+    # sub-grid 1: cle off/on; sub-grid 2 (cle on): nearest (shared), adaround, gptq, both (skipped)
+    assert summary.counts == {"done": 4, "failed": 0, "skipped": 1}
+    rows = {r["label"]: r for r in ResultStore(tmp_path).rows() if r["status"] == "done"}
+    label = "cle=on adaround=on gptq=off"
+    assert "adaround" in rows[label]["stage_seconds"]
+    spec = {
+        "quant": {"weight_bits": 4, "act_bits": 8, "weight_per_channel": False},
+        "stages": [
+            "bn_folding",
+            "cle",
+            {"range_setting": {"weights": "minmax", "activations": "minmax"}},
+            {"adaround": {"iterations": 4}},
+        ],
+    }
+    direct = api.quantize("tiny-test", spec, calib_samples=16, seed=0)
+    assert rows[label]["value"] == direct.summary["quantized"]
+    assert rows[label]["weight_bytes"] == direct.summary["weight_bytes"]

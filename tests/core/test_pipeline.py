@@ -10,7 +10,15 @@ from tinyptq.config import QuantConfig
 from tinyptq.errors import ConfigError
 from tinyptq.graph.keras_graph import KerasGraph
 from tinyptq.params import Real
-from tinyptq.pipeline import Pipeline, PTQState, Stage, create_stage, register, registry
+from tinyptq.pipeline import (
+    Pipeline,
+    PTQState,
+    Stage,
+    create_stage,
+    order_problem,
+    register,
+    registry,
+)
 from tinyptq.pipeline_file import PipelineSpec
 
 from .test_graph import tiny_resnet
@@ -35,13 +43,17 @@ def test_unknown_stage_and_option_list_valid_names():
         create_stage("adaroundx")
     with pytest.raises(ConfigError, match="unknown option 'bogus'.*weights, activations"):
         create_stage("range_setting", {"bogus": 1})
-    with pytest.raises(ConfigError, match="range_setting option 'weights' must be one of .*'minmax'.*got 'bad'"):
+    with pytest.raises(
+        ConfigError, match="range_setting option 'weights' must be one of .*'minmax'.*got 'bad'"
+    ):
         create_stage("range_setting", {"weights": "bad"})
 
 
 def test_yaml_validation(tmp_path):
     good = tmp_path / "p.yaml"
-    good.write_text("name: t\nquant: {weight_bits: 4}\nstages:\n  - range_setting: {weights: minmax}\n")
+    good.write_text(
+        "name: t\nquant: {weight_bits: 4}\nstages:\n  - range_setting: {weights: minmax}\n"
+    )
     spec = PipelineSpec.from_yaml(good)
     assert spec.stages == [("range_setting", {"weights": "minmax"})]
     assert spec.quant_config().weight_bits == 4
@@ -67,6 +79,14 @@ def test_yaml_validation(tmp_path):
 def test_builtin_pipelines_load():
     assert load_pipeline("minmax").quant_config().weight_per_channel
     assert not load_pipeline("minmax_per_tensor").quant_config().weight_per_channel
+
+
+@pytest.mark.parametrize("name", ["adaround", "brecq_qdrop", "gptq"])
+def test_builtin_rounding_pipelines_build_and_run_in_order(name):
+    spec = load_pipeline(name)
+    names = [n for n, _ in spec.stages]
+    assert order_problem(names) is None and name.split("_")[0] in names
+    assert spec.quant_config().weight_bits == 4 and len(spec.build()) == len(names)
     with pytest.raises(ConfigError, match="built-in"):
         load_pipeline("no_such_pipeline")
 
@@ -90,7 +110,9 @@ def test_stage_times_are_logged_and_state_is_not_mutated():
 
     seen = []
     state = _state()
-    pipe = Pipeline([create_stage("_test_sleepy"), create_stage("range_setting"), create_stage("_test_sleepy")])
+    pipe = Pipeline(
+        [create_stage("_test_sleepy"), create_stage("range_setting"), create_stage("_test_sleepy")]
+    )
     out = pipe.run(state, on_stage=lambda s, i, n: seen.append((s.name, i, n)))
     assert [r.stage for r in out.log] == ["_test_sleepy", "range_setting", "_test_sleepy"]
     assert out.log[0].seconds >= 0.01 and out.log[0].lines == ["slept"]
