@@ -250,30 +250,17 @@ def fake_quant_tf(x: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any) -> 
     lo = tf.cast(qmin, tf.float32)
     hi = tf.cast(qmax, tf.float32)
 
-    @tf.custom_gradient
-    def _fq(v, s):
-        ratio = v / s
-        q = tf.round(ratio) + zp
-        clipped = tf.clip_by_value(q, lo, hi)
-        out = (clipped - zp) * s
-
-        def grad(dy):
-            inside = tf.logical_and(q >= lo, q <= hi)
-            dv = dy * tf.cast(inside, dy.dtype)
-            ds_full = dy * tf.where(inside, clipped - zp - ratio, clipped - zp)
-            return dv, _sum_to(ds_full, s)
-
-        return out, grad
-
-    return _fq(x, tf.convert_to_tensor(scale, tf.float32))
-
-
-def _sum_to(grad: Any, like: Any) -> Any:
-    """``grad`` summed over the axes along which ``like`` was broadcast, shaped as ``like``."""
-    from tinyptq._tf import tf
-
-    _, axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(grad), s1=tf.shape(like))
-    return tf.reshape(tf.reduce_sum(grad, axis=axes), tf.shape(like))
+    s = tf.convert_to_tensor(scale, tf.float32)
+    ratio = x / s
+    q = tf.round(ratio) + zp
+    clipped = tf.clip_by_value(q, lo, hi)
+    out = tf.stop_gradient((clipped - zp) * s)
+    # the gradients ride on a term that is exactly zero in value (g - g): no custom-gradient
+    # registration, which TF keeps forever per traced graph (with everything it captured)
+    inside = tf.stop_gradient(tf.logical_and(q >= lo, q <= hi))
+    ds = tf.stop_gradient(tf.where(inside, clipped - zp - ratio, clipped - zp))
+    g = tf.where(inside, x, tf.zeros_like(x)) + s * ds
+    return out + (g - tf.stop_gradient(g))
 
 
 def _ndim(x: Any) -> int:
