@@ -67,12 +67,14 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def run_setting(
-    uc, graph, calib, data, fp32_scores, bits: str, keep: bool, seed: int, done: set, sink
+    uc, graph, calib, data, fp32_scores, bits: str, keep: bool, seed: int, done: set, sink, wanted=METHODS
 ) -> None:
-    """Every method of one bit setting, sharing the prefix; each finished row goes to ``sink``."""
+    """Every (wanted) method of one bit setting, sharing the prefix; each finished row goes to ``sink``."""
     wb, ab = parse_bits(bits)
     methods = [
-        m for m in METHODS if (m not in A4_ONLY or ab <= 4) and (uc.name, bits, keep, m) not in done
+        m
+        for m in METHODS
+        if m in wanted and (m not in A4_ONLY or ab <= 4) and (uc.name, bits, keep, m) not in done
     ]
     if not methods:
         return
@@ -205,7 +207,9 @@ def main() -> None:
     parser.add_argument("--use-cases", default="ic,kws")
     parser.add_argument("--bits", default=",".join(BITS))
     parser.add_argument("--calib-samples", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample and reconstruction seed")
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of: " + ", ".join(METHODS))
+    parser.add_argument("--first-last", default=",".join(FIRST_LAST), help="subset of: " + ", ".join(FIRST_LAST))
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     out = Path(args.out)
@@ -226,6 +230,10 @@ def main() -> None:
             fh.write(json.dumps(row) + "\n")
 
     wanted = args.bits.split(",")
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS] + [k for k in args.first_last.split(",") if k not in FIRST_LAST]
+    if unknown:
+        parser.error(f"unknown method or first/last choice: {', '.join(unknown)}")
     for name in args.use_cases.split(","):
         uc = get_use_case(name, args.data_dir)
         graph = uc.load_graph()
@@ -235,9 +243,9 @@ def main() -> None:
         fp32[name] = uc.metric(data, fp32_scores, fp32_scores).value
         for ab in sorted({parse_bits(b)[1] for b in wanted}):
             inputs[f"{name}:{ab}"] = input_only(uc, graph, calib, data, fp32_scores, ab, args.seed)
-        settings = [(b, keep) for b in wanted for keep in FIRST_LAST.values()]
+        settings = [(b, FIRST_LAST[k]) for b in wanted for k in args.first_last.split(",")]
         for bits, keep in tqdm(settings, desc=name):
-            run_setting(uc, graph, calib, data, fp32_scores, bits, keep, args.seed, done, sink)
+            run_setting(uc, graph, calib, data, fp32_scores, bits, keep, args.seed, done, sink, methods)
     summary = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "calib_samples": args.calib_samples,

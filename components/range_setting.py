@@ -35,6 +35,24 @@ def first_last_layers(graph: ModelGraph) -> set[str]:
     return {layers[0].name, layers[-1].name} if layers else set()
 
 
+def first_last_points(graph: ModelGraph) -> set[str]:
+    """Activation points kept at 8 bits with the first and last layers.
+
+    A layer "at 8 bits" has 8-bit weights, an 8-bit input and an 8-bit output
+    (the usual convention of reconstruction papers: the last layer's input is
+    8-bit too). So: the model inputs and outputs, and the input and output
+    points of the first and the last quantizable layers.
+    """
+    edge = first_last_layers(graph)
+    points = {
+        q
+        for name in edge
+        for q in (graph.quant_layer(name).input_point, graph.quant_layer(name).output_point)
+        if q
+    }
+    return points | {p.name for p in graph.act_points() if p.is_input or p.is_output or p.owner in edge}
+
+
 def range_ratio(lo: Any, hi: Any, mn: Any, mx: Any) -> float:
     """Width of the chosen range over the min-max width (both widened to 0), mean over channels."""
     width = np.maximum(hi, 0) - np.minimum(lo, 0)
@@ -136,10 +154,10 @@ class RangeSetting(Stage):
 
     def _set_act_encodings(self, state: PTQState) -> tuple[list[str], dict[str, float]]:
         graph, cfg = state.graph, state.config
-        edge = first_last_layers(graph)
+        edge = first_last_points(graph)
         specs = {}
         for p in graph.act_points():
-            spec = cfg.act_spec(p.name, p.owner, p.is_input or p.is_output or p.owner in edge)
+            spec = cfg.act_spec(p.name, p.owner, p.name in edge)
             if spec is None:
                 state.act_encodings.pop(p.name, None)
             else:

@@ -16,7 +16,7 @@ from tinyptq.metrics import MetricResult, weight_bytes
 from tinyptq.params import CALIB_SAMPLES, SEED, validate
 from tinyptq.pipeline import Pipeline, PTQState, order_problem
 from tinyptq.pipeline_file import PipelineSpec
-from tinyptq.sim import QuantSim
+from tinyptq.sim import QuantSim, target_predictor
 
 BUILTIN_PIPELINES = Path(__file__).parent / "pipelines"
 
@@ -77,6 +77,25 @@ def evaluate(use_case: str, data_dir: str | Path | None = None, model: str | Pat
     return _fp32_baseline(uc, uc.load_graph(model), model)[2]
 
 
+def evaluate_deployed(
+    use_case: str, model: str | Path, runtime: str = "tflm", data_dir: str | Path | None = None, progress: bool = False
+) -> MetricResult:
+    """The metric of a deployed .tflite file run by ``runtime`` (see tinyptq.runtimes) on the use case's data.
+
+    Label-free metrics compare with the use case's own FP32 model.
+    """
+    from tinyptq import runtimes
+    from tinyptq.models.usecases import get_use_case
+
+    if runtime not in runtimes.RUNTIMES:
+        raise ConfigError(f"unknown runtime '{runtime}' (valid: {', '.join(runtimes.RUNTIMES)})")
+    uc = get_use_case(use_case, data_dir)
+    data = uc.eval_set()
+    scores = runtimes.run(model, data.x, runtime, progress=progress)
+    reference = scores if data.y is not None else uc.load_graph().predict(data.x)
+    return uc.metric(data, scores, reference)
+
+
 def _fp32_baseline(uc, graph, model: str | Path | None):
     """The evaluation set, the FP32 scores on it and the FP32 metric (before any stage runs)."""
     from tinyptq.errors import ModelError
@@ -134,7 +153,8 @@ def quantize(
     state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)
     state = stages.run(state, on_stage=on_stage)
     sim = QuantSim(state)
-    quant = uc.metric(data, sim.predict(data.x), fp32_scores)
+    predict = sim.predict if config.target == "qdq" else target_predictor(state)
+    quant = uc.metric(data, predict(data.x), fp32_scores)
     summary = {
         "tinyptq_version": __version__,
         "use_case": uc.name,

@@ -16,6 +16,7 @@ import click
 from tinyptq.errors import TinyPTQError, first_line
 from tinyptq.params import CALIB_SAMPLES, SEED, Constraint, Integer, validate
 from tinyptq.quant import BITS
+from tinyptq.runtimes import RUNTIMES
 
 
 class CheckedOption(click.Option):
@@ -70,12 +71,25 @@ def cli() -> None:
 @_use_case_option
 @_model_option
 @_data_dir_option
-def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None) -> None:
-    """Print the FP32 metric of a use case's model."""
+@click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default=None,
+    help="Run a deployed .tflite (--model) in TFLite Micro (tflm), tf.lite as shipped (tflite) "
+    "or its reference kernels (tflite-ref).",
+)
+def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None, runtime: str | None) -> None:
+    """Print the metric of a use case's FP32 model, or of a deployed .tflite in a runtime."""
     from tinyptq import api
 
-    result = api.evaluate(use_case, data_dir, model)
-    click.echo(f"{use_case} (FP32 model): {result}")
+    if runtime is None:
+        result = api.evaluate(use_case, data_dir, model)
+        click.echo(f"{use_case} (FP32 model): {result}")
+        return
+    if model is None:
+        raise click.UsageError("--runtime needs --model (the .tflite file to run)")
+    result = api.evaluate_deployed(use_case, model, runtime, data_dir, progress=True)
+    click.echo(f"{use_case} ({model.name} in {runtime}): {result}")
 
 
 @cli.command()
@@ -167,7 +181,7 @@ def quantize(
 def _check_export_request(
     export_formats: str | None, pipeline: str, weight_bits: int | None, act_bits: int | None
 ) -> list[str]:
-    """The --export formats, checked before the pipeline runs (TFLite: 8 bits only)."""
+    """The --export formats, checked before the pipeline runs (TFLite: 8-bit activations, 2- to 8-bit weights)."""
     if export_formats is None:
         return []
     from tinyptq import api
@@ -177,9 +191,9 @@ def _check_export_request(
     formats = parse_formats(export_formats)
     if "tflite" in formats:
         cfg = api.load_pipeline(pipeline).quant_config(weight_bits, act_bits)
-        if (cfg.weight_bits, cfg.act_bits) != (8, 8):
+        if cfg.act_bits != 8 or cfg.weight_bits > 8:
             raise ConfigError(
-                f"TFLite export needs 8-bit weights and activations, not W{cfg.weight_bits}A{cfg.act_bits}"
+                f"TFLite export needs 8-bit activations and 2- to 8-bit weights, not W{cfg.weight_bits}A{cfg.act_bits}"
             )
     return formats
 

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from tinyptq.errors import ConfigError
-from tinyptq.params import Boolean, Constraint, Optional, Text, fail, validate
+from tinyptq.params import Boolean, Constraint, Optional, Options, Text, fail, validate
 from tinyptq.quant import BITS, QuantSpec
+
+# simulation targets: qdq (float QDQ semantics), tflite (TFLite / TFLite Micro integer kernels)
+TARGETS = ("qdq", "tflite")
 
 
 def _check_fields(obj: Any, owner: str) -> None:
@@ -64,6 +67,7 @@ class QuantConfig:
     act_symmetric: bool = False
     weight_narrow_range: bool = False
     keep_first_last_8bit: bool = False
+    target: str = "qdq"  # the arithmetic the evaluation reproduces (TARGETS)
     overrides: tuple[LayerOverride, ...] = field(default=())
 
     # every field but ``overrides`` (a sequence of LayerOverride, checked on its own)
@@ -75,6 +79,7 @@ class QuantConfig:
         "act_symmetric": Boolean(),
         "weight_narrow_range": Boolean(),
         "keep_first_last_8bit": Boolean(),
+        "target": Options(*TARGETS),
     }
 
     def __post_init__(self) -> None:
@@ -134,6 +139,8 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML / JSON."""
         d = asdict(self)
+        if d["target"] == "qdq":  # the default stays out: run ids of earlier results remain valid
+            del d["target"]
         d["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in d["overrides"]]
         return d
 

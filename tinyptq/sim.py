@@ -87,3 +87,18 @@ class QuantSim:
     def set_bias(self, layer: str, bias: np.ndarray) -> None:
         """Replace a layer's bias."""
         self.executor.set_bias(layer, bias)
+
+
+def target_predictor(state: PTQState) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> first output`` computed with the arithmetic of ``state.config.target``.
+
+    ``qdq``: the fake-quantized simulation (what the QDQ ONNX file states, in
+    float); ``tflite``: the integers TFLite Micro computes for the exported
+    .tflite (tinyptq.intsim.tflite_sim).
+    """
+    if state.config.target == "tflite":
+        from tinyptq.intsim.tflite_sim import TfliteSim
+
+        sim = TfliteSim(state)
+        return lambda x: (state.graph.check_input(x), sim.predict(np.asarray(x, np.float32)))[1]
+    return QuantSim(state).predict

@@ -80,11 +80,11 @@ def test_unknown_format_is_one_line_error_before_any_work(capsys, tmp_path):
     assert_one_line_error(code, err, "unknown export format 'pt'", "valid formats")
 
 
-def test_tflite_below_8_bits_and_missing_state_are_one_line_errors(capsys, tmp_path):
+def test_tflite_below_8_bit_activations_and_missing_state_are_one_line_errors(capsys, tmp_path):
     code, _, err = run_cli(
-        capsys, "quantize", "--use-case", "ic", "--weight-bits", "4", "--out", tmp_path / "x", "--export", "tflite"
+        capsys, "quantize", "--use-case", "ic", "--act-bits", "4", "--out", tmp_path / "x", "--export", "tflite"
     )
-    assert_one_line_error(code, err, "TFLite export needs 8-bit", "W4A8")
+    assert_one_line_error(code, err, "TFLite export needs 8-bit activations", "W8A4")
     code, _, err = run_cli(capsys, "export", tmp_path, "--format", "onnx")
     assert_one_line_error(code, err, "state.pkl", "tinyptq quantize --out")
 

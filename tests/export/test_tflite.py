@@ -1,4 +1,4 @@
-"""TFLite export: 8-bit states only, the file holds our encodings and runs like the simulation."""
+"""TFLite export (A8, W2..8): the file holds our encodings and runs like the simulation."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_check_reports_a_changed_encoding(ic_tflite):
 @pytest.mark.parametrize(
     ("wb", "ab", "stages", "message"),
     [
-        (4, 8, ("bn_folding", "range_setting"), "8-bit weights"),
+        (16, 8, ("bn_folding", "range_setting"), "2- to 8-bit weights"),
         (8, 6, ("bn_folding", "range_setting"), "8-bit activations"),
         (8, 8, ("range_setting",), "folded batch norms"),
     ],

@@ -124,7 +124,7 @@ def _run(task: Task) -> dict[str, Any]:
     from tinyptq.metrics import bops, weight_bytes
     from tinyptq.pipeline import Pipeline, PTQState
     from tinyptq.pipeline_file import PipelineSpec
-    from tinyptq.sim import QuantSim
+    from tinyptq.sim import target_predictor
 
     uc, base_graph, fingerprint, data, fp32 = _use_case(task)
     spec = PipelineSpec.from_dict(task.pipeline)
@@ -139,8 +139,7 @@ def _run(task: Task) -> dict[str, Any]:
     state, done = _cached_prefixes(state, stages, keys, task.shared_prefixes, cache)
     state = Pipeline(stages[done:]).run(state)
 
-    sim = QuantSim(state)
-    quant = uc.metric(data, sim.predict(data.x), fp32["scores"])
+    quant = uc.metric(data, target_predictor(state)(data.x), fp32["scores"])
     ref = fp32["metric"]
     q_bops, f_bops = bops(state.graph, state.weight_encodings, state.act_encodings)
     return {

@@ -1,4 +1,4 @@
-"""TFLite export of 8-bit states, with tinyptq's encodings (read back by tflite_check).
+"""TFLite export of W2..8 A8 states, with tinyptq's encodings (read back by tflite_check).
 
 The graph is rebuilt as a tf_keras model in the form the TFLite converter
 knows from quantization-aware training: every kernel is the dequantized
@@ -8,9 +8,11 @@ FakeQuant with exactly the range of its encoding. The converter then takes
 those ranges as the tensors' scales and zero points instead of choosing its
 own; no calibration data is needed.
 
-TFLite stores int8 only: uint8 grids become int8 with the zero point moved by
-128 (the same grid), weights must be symmetric. Other bit-widths raise
-ConfigError.
+Activations are int8: uint8 grids become int8 with the zero point moved by
+128 (the same grid). Weights must be symmetric with 2 to 8 bits: kernels of
+5 to 8 bits are int8 tensors (on their narrower grid), kernels of 2 to 4 bits
+are packed INT4 tensors (tflite_int4) unless ``pack_int4=False`` keeps them in
+int8 too. Other bit-widths raise ConfigError.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ACT_PREFIX = "tinyptq_act__"
 
 
 def check_exportable(state: Any) -> None:
-    """Raise ConfigError unless every tensor of ``state`` is an 8-bit TFLite-compatible encoding."""
+    """Raise ConfigError unless every tensor of ``state`` has a TFLite-compatible encoding."""
     from tinyptq.graph.keras_graph import KerasGraph
 
     if not isinstance(state.graph, KerasGraph):
@@ -42,8 +44,8 @@ def check_exportable(state: Any) -> None:
         enc = state.weight_encodings.get(layer.name)
         if enc is None:
             raise ConfigError(f"TFLite export needs every layer quantized: '{layer.name}' is float")
-        if enc.bits != 8:
-            raise ConfigError(f"TFLite export needs 8-bit weights: '{layer.name}' has {enc.bits} bits")
+        if not 2 <= enc.bits <= 8:
+            raise ConfigError(f"TFLite export needs 2- to 8-bit weights: '{layer.name}' has {enc.bits} bits")
         if not enc.symmetric or np.any(enc.zero_point != 0):
             raise ConfigError(f"TFLite export needs symmetric weights: '{layer.name}' is asymmetric")
     for p in points:
@@ -56,8 +58,11 @@ def check_exportable(state: Any) -> None:
             raise ConfigError(f"TFLite export needs per-tensor activations: '{p.name}' is per channel")
 
 
-def tflite_bytes(state: Any) -> bytes:
-    """The .tflite flatbuffer of an 8-bit state (float input and output, int8 inside)."""
+def tflite_bytes(state: Any, pack_int4: bool = True) -> bytes:
+    """The .tflite flatbuffer of a state (float input and output, int8 / int4 inside).
+
+    ``pack_int4=False`` keeps 2- to 4-bit kernels in int8 tensors instead of INT4.
+    """
     check_exportable(state)
     model = _fake_quant_model(state)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -68,12 +73,17 @@ def tflite_bytes(state: Any) -> bytes:
             data = converter.convert()
     except Exception as exc:  # the MLIR converter raises its own error types
         raise ModelError(f"TFLite conversion failed: {first_line(exc, 200)}") from None
-    return _pin_weights(data, state)
+    data = _pin_weights(data, state)
+    if not pack_int4:
+        return data
+    from tinyptq.export.tflite_int4 import pack_int4_kernels
+
+    return pack_int4_kernels(data, state)
 
 
-def export_tflite(state: Any, path: str | Path) -> Path:
-    """Write the .tflite model of an 8-bit state to ``path``; return the path."""
-    data = tflite_bytes(state)
+def export_tflite(state: Any, path: str | Path, pack_int4: bool = True) -> Path:
+    """Write the .tflite model of a state to ``path``; return the path."""
+    data = tflite_bytes(state, pack_int4)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -3,7 +3,8 @@
 Activations are found by name (the converter names tensors after the Keras
 layer that produced them, or after our FakeQuant) and, for the model input, by
 data flow; kernels are the weight inputs of CONV_2D / DEPTHWISE_CONV_2D /
-FULLY_CONNECTED ops, compared integer by integer.
+FULLY_CONNECTED ops, compared integer by integer (INT4 kernels unpacked from
+the flatbuffer itself, not through tf.lite.Interpreter).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from tinyptq.export.tflite import ACT_PREFIX, KERNEL_OPS, interpreter, owner, tflite_kernel_layout
+from tinyptq.export.tflite_int4 import read_int4_tensors
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,17 @@ class TensorParams:
 
 
 def read_tensor_params(model: bytes | str | Path) -> list[TensorParams]:
-    """Every quantized tensor of a .tflite file with its scales and zero points."""
+    """Every quantized tensor of a .tflite file with its scales and zero points (dtype 'int4' if packed)."""
     interp = interpreter(model)
+    int4 = read_int4_tensors(model)
     out = []
     for d in interp.get_tensor_details():
         q = d["quantization_parameters"]
         if len(q["scales"]) == 0:
             continue
         out.append(
-            TensorParams(d["name"], np.dtype(d["dtype"]).name, np.asarray(q["scales"], np.float32),
+            TensorParams(d["name"], "int4" if d["name"] in int4 else np.dtype(d["dtype"]).name,
+                         np.asarray(q["scales"], np.float32),
                          np.asarray(q["zero_points"], np.int64), int(q["quantized_dimension"]))
         )
     return out
@@ -63,7 +67,7 @@ def check_tflite(state: Any, model: bytes | str | Path) -> TfliteCheck:
     Activations: some int8 tensor named after the point carries its scale and
     zero point (uint8 grids moved by -128). Kernels: the kernel input of each
     CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED op holds the layer's integers,
-    scales and zero points 0.
+    scales and zero points 0, as int8 or as INT4.
     """
     interp = interpreter(model)
     interp.allocate_tensors()
@@ -96,11 +100,13 @@ def check_tflite(state: Any, model: bytes | str | Path) -> TfliteCheck:
             continue
         got = [(float(d["quantization_parameters"]["scales"][0]), int(d["quantization_parameters"]["zero_points"][0])) for d in found]
         problems.append(f"activation '{point}': expected scale {float(enc.scale):.6g} zero point {zp}, found {got or 'no tensor'}")
-    kernels = _check_kernels(state, interp, details, problems)
+    kernels = _check_kernels(state, interp, details, read_int4_tensors(model), problems)
     return TfliteCheck(acts, kernels, problems)
 
 
-def _check_kernels(state: Any, interp: Any, details: dict, problems: list[str]) -> dict[str, str]:
+def _check_kernels(
+    state: Any, interp: Any, details: dict, int4: dict[str, np.ndarray], problems: list[str]
+) -> dict[str, str]:
     ints = state.integer_kernels()
     kernels: dict[str, str] = {}
     for op in interp._get_ops_details():  # the only way to see which tensor is an op's kernel
@@ -114,7 +120,7 @@ def _check_kernels(state: Any, interp: Any, details: dict, problems: list[str]) 
         kernels[layer] = d["name"]
         enc = state.weight_encodings[layer]
         q = d["quantization_parameters"]
-        values = interp.get_tensor(d["index"])
+        values = int4[d["name"]] if d["name"] in int4 else interp.get_tensor(d["index"])
         expected = tflite_kernel_layout(ints[layer], op["op_name"])
         scales = np.broadcast_to(enc.scale, q["scales"].shape) if enc.per_channel else enc.scale.reshape(1)
         if values.shape != expected.shape or not np.array_equal(values, expected):

@@ -1,0 +1,1 @@
+"""Integer-exact simulations of int8 inference runtimes."""
