@@ -120,13 +120,19 @@ def quantize(
     seed: int | None = None,
     on_stage=None,
     calib_data: str | Path | np.ndarray | None = None,
+    target: str | None = None,
 ) -> QuantizeResult:
-    """Run a PTQ pipeline on a use case; return the state, sim and summary."""
+    """Run a PTQ pipeline on a use case; return the state, sim and summary.
+
+    ``target`` (qdq, tflite, onnxruntime) overrides the pipeline's: the arithmetic the quantized metric is computed with.
+    """
     from tinyptq.models.usecases import get_use_case
 
     start = time.perf_counter()
     spec = load_pipeline(pipeline)
     config = spec.quant_config(weight_bits, act_bits)
+    if target is not None:
+        config = config.replace(target=target)
     stages = Pipeline.from_spec(spec)
     # the pipeline's calibration values were validated when it was read; these are the caller's
     if calib_samples is not None:

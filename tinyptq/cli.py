@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from tinyptq.config import TARGETS
 from tinyptq.errors import TinyPTQError, first_line
 from tinyptq.params import CALIB_SAMPLES, SEED, Constraint, Integer, validate
 from tinyptq.quant import BITS
@@ -108,6 +109,13 @@ def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None, runtime: 
 @click.option(
     "--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration inputs (.npy, N x input shape)."
 )
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default=None,
+    help="Arithmetic of the quantized metric: qdq (float fake quantization), tflite (TFLite Micro's integers) "
+    "or onnxruntime (its kernels after its graph optimizations); overrides the pipeline.",
+)
 @_model_option
 @_data_dir_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
@@ -125,6 +133,7 @@ def quantize(
     calib_samples: int | None,
     seed: int | None,
     calib_data: Path | None,
+    target: str | None,
     model: Path | None,
     data_dir: Path | None,
     out: Path,
@@ -149,7 +158,8 @@ def quantize(
 
     try:
         result = api.quantize(
-            use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, on_stage, calib_data
+            use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, on_stage, calib_data,
+            target,
         )
         if bars:
             bars[0].update(bars[0].total - bars[0].n)
@@ -158,7 +168,8 @@ def quantize(
             bar.close()
     path = api.write_summary(out, result.summary)
     s = result.summary
-    head = f"{use_case} W{s['bits']['weights']}A{s['bits']['activations']} [{s['pipeline']['name']}]: "
+    target_text = "" if result.state.config.target == "qdq" else f", target {result.state.config.target}"
+    head = f"{use_case} W{s['bits']['weights']}A{s['bits']['activations']} [{s['pipeline']['name']}{target_text}]: "
     if s["delta"] is not None:
         result_text = (
             f"{s['metric']}: FP32 {s['fp32']:.2f} -> quantized {s['quantized']:.2f} ({s['delta']:+.2f})"

@@ -15,8 +15,9 @@ from tinyptq.errors import ConfigError
 from tinyptq.params import Boolean, Constraint, Optional, Options, Text, fail, validate
 from tinyptq.quant import BITS, QuantSpec
 
-# simulation targets: qdq (float QDQ semantics), tflite (TFLite / TFLite Micro integer kernels)
-TARGETS = ("qdq", "tflite")
+# simulation targets: qdq (float QDQ semantics), tflite (TFLite / TFLite Micro integer kernels),
+# onnxruntime (its CPU kernels after its default graph optimizations of the QDQ export)
+TARGETS = ("qdq", "tflite", "onnxruntime")
 
 
 def _check_fields(obj: Any, owner: str) -> None:
@@ -88,6 +89,15 @@ class QuantConfig:
         if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, LayerOverride) for o in overrides):
             fail("quant", "overrides", "a sequence of LayerOverride", overrides)
         object.__setattr__(self, "overrides", tuple(overrides))
+        if self.target == "tflite":  # TFLite holds int8 activations and at most 8-bit weights
+            for who, act, weight in [("quant", self.act_bits, self.weight_bits)] + [
+                (f"quant override '{o.pattern}'", o.act_bits, o.weight_bits) for o in self.overrides
+            ]:
+                if act not in (None, 8) or (weight is not None and weight > 8):
+                    raise ConfigError(
+                        f"{who}: the tflite target needs 8-bit activations and at most 8-bit weights, "
+                        f"not act_bits {act}, weight_bits {weight}"
+                    )
 
     # ------------------------------------------------------------ resolution
     def _override(self, *names: str | None) -> dict[str, Any]:

@@ -94,11 +94,18 @@ def target_predictor(state: PTQState) -> Callable[[np.ndarray], np.ndarray]:
 
     ``qdq``: the fake-quantized simulation (what the QDQ ONNX file states, in
     float); ``tflite``: the integers TFLite Micro computes for the exported
-    .tflite (tinyptq.intsim.tflite_sim).
+    .tflite (tinyptq.intsim.tflite_sim); ``onnxruntime``: what onnxruntime's
+    CPU kernels compute on the QDQ export after its default graph
+    optimizations (tinyptq.intsim.ort_sim).
     """
+    if state.config.target == "qdq":
+        return QuantSim(state).predict
     if state.config.target == "tflite":
         from tinyptq.intsim.tflite_sim import TfliteSim
 
-        sim = TfliteSim(state)
-        return lambda x: (state.graph.check_input(x), sim.predict(np.asarray(x, np.float32)))[1]
-    return QuantSim(state).predict
+        sim: Any = TfliteSim(state)
+    else:
+        from tinyptq.intsim.ort_sim import OrtSim
+
+        sim = OrtSim(state)
+    return lambda x: (state.graph.check_input(x), sim.predict(np.asarray(x, np.float32)))[1]

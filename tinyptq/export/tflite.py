@@ -18,6 +18,7 @@ int8 too. Other bit-widths raise ConfigError.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from tinyptq._tf import _muted_stderr, keras, tf
 from tinyptq.errors import ConfigError, ModelError, first_line
+from tinyptq.fixedpoint import bias_int32
 from tinyptq.quant import Encoding
 
 ACT_PREFIX = "tinyptq_act__"
@@ -253,6 +255,7 @@ def _pin_weights(data: bytes, state: Any) -> bytes:
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
     graph = model.subgraphs[0]
+    _pin_activation_scales(graph, state)  # first: the biases are computed on the input scales
     ints = state.integer_kernels()
     for op in graph.operators:
         op_name = _op_name(model, op)
@@ -270,14 +273,49 @@ def _pin_weights(data: bytes, state: Any) -> bytes:
         w_scale = np.broadcast_to(enc.scale, (channels,)) if enc.per_channel else enc.scale.reshape(1)
         _set_tensor(model, w_tensor, q.astype(np.int8), w_scale, 3 if op_name == "DEPTHWISE_CONV_2D" else 0)
         if len(op.inputs) > 2 and op.inputs[2] >= 0:
-            s_in = np.float64(graph.tensors[op.inputs[0]].quantization.scale[0])
-            b_scale = (s_in * w_scale.astype(np.float64)).astype(np.float32)
+            s_in = np.float32(graph.tensors[op.inputs[0]].quantization.scale[0])
+            b_scale = (np.float64(s_in) * w_scale.astype(np.float64)).astype(np.float32)
             bias = state.graph.bias(layer)
             bias = np.zeros(channels, np.float32) if bias is None else bias
-            lim = 2.0**31 - 1
-            b_int = np.clip(np.rint(bias.astype(np.float64) / b_scale.astype(np.float64)), -lim, lim)
-            _set_tensor(model, graph.tensors[op.inputs[2]], b_int.astype(np.int32), b_scale, 0)
+            _set_tensor(model, graph.tensors[op.inputs[2]], bias_int32(bias, s_in, w_scale).astype(np.int32), b_scale, 0)
+    _shorten_names(graph)
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def _pin_activation_scales(graph: Any, state: Any) -> None:
+    """Give every int8 activation tensor exactly the float32 scale of the encoding it stands for.
+
+    The converter derives scales from FakeQuant limits in float, and the one
+    of the model input's QUANTIZE can come out one float32 step off ours;
+    integer kernels would then requantize with another multiplier than the
+    simulation. A tensor whose (scale, zero point) is within 1e-6 of one of
+    our activation encodings (reshapes and pools carry their input's) gets
+    that encoding's scale.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    ours = {}
+    for enc in state.act_encodings.values():
+        if enc.bits == 8 and not enc.per_channel:
+            zp = int(enc.zero_point) - (0 if enc.signed else 128)
+            ours.setdefault(zp, []).append(np.float32(enc.scale))
+    for tensor in graph.tensors:
+        q = tensor.quantization
+        if tensor.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1:
+            continue
+        candidates = ours.get(int(q.zeroPoint[0]), [])
+        scale = np.float32(q.scale[0])
+        close = [c for c in candidates if abs(float(c) - float(scale)) <= 1e-6 * float(c)]
+        if close:
+            q.scale = [float(min(close, key=lambda c: abs(float(c) - float(scale))))]
+
+
+def _shorten_names(graph: Any) -> None:
+    """'model/layer/Op;model/layer/Op2;...' -> its first alias (what owner() reads), ';<index>' where shared."""
+    short = [t.name.split(b";")[0] for t in graph.tensors]
+    counts = Counter(short)
+    for i, (tensor, name) in enumerate(zip(graph.tensors, short, strict=True)):
+        tensor.name = name if counts[name] == 1 else name + f";{i}".encode()
 
 
 def _op_name(model: Any, op: Any) -> str:

@@ -123,14 +123,19 @@ class TfliteSim:
             swallowed.append(cur)
         return cur, act, swallowed
 
-    def _node_function(self, name: str) -> Any:
+    def _call(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The adapter's own operation on (float-coded integer) values."""
+        from tinyptq._tf import tf
+
         if name not in self._functions:
             self._functions[name] = self.graph.node_function(name)
-        return self._functions[name]
+        return np.asarray(self._functions[name]([tf.constant(x)]))
 
     # --------------------------------------------------------------- run
-    def run_int8(self, x: np.ndarray) -> dict[str, tuple[np.ndarray, QParams]]:
-        """The int8 values (and their parameters) of the model outputs for a batch ``x``."""
+    def run_int8(
+        self, x: np.ndarray, outputs: list[str] | None = None
+    ) -> dict[str, tuple[np.ndarray, QParams]]:
+        """The int8 values (and their parameters) of the model outputs (or of ``outputs``) for a batch ``x``."""
         values: dict[str, _Value] = {}
         skip: set[str] = set()
         for n in self.order:
@@ -167,7 +172,7 @@ class TfliteSim:
                 values[n] = self._relu(n, kind, ins[0])
             else:
                 raise ModelError(f"tflite target: unsupported operation '{n}' ({kind})")
-        return {o: (values[o].q, values[o].params) for o in self.graph.output_names}
+        return {o: (values[o].q, values[o].params) for o in outputs or self.graph.output_names}
 
     def predict(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
         """The model's (first) output as TFLite Micro returns it, dequantized to float32."""
@@ -215,12 +220,12 @@ class TfliteSim:
         if kind in ("identity", "dropout"):
             return src.q
         centered = src.q.astype(np.float32) - src.params.zero_point  # zero padding pads the zero point
-        y = np.asarray(self._node_function(name)([centered]))
+        y = self._call(name, centered)
         return (np.rint(y) + src.params.zero_point).astype(np.int8)
 
     def _avg_pool(self, name: str, src: _Value) -> np.ndarray:
         """TFLite's int8 average pool (same grid in and out): the rounded mean of the stored values."""
-        mean = np.asarray(self._node_function(name)([src.q.astype(np.float32)]), np.float64)
+        mean = self._call(name, src.q.astype(np.float32)).astype(np.float64)
         return np.clip(tflite_round(mean), -128, 127).astype(np.int8)
 
     def _requantized(self, name: str, q: np.ndarray, params: QParams) -> _Value:
