@@ -22,6 +22,12 @@ INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
 
+def wrap_int32(x: Any) -> np.ndarray:
+    """Two's complement wrap of integers to int32 (held as int64), like C int32 arithmetic in practice."""
+    x = np.asarray(x, np.int64)
+    return ((x + 2**31) & 0xFFFFFFFF) - 2**31
+
+
 def tflite_round(x: Any) -> np.ndarray:
     """C's ``round``: nearest integer, halves away from zero (exact for float32 and float64 inputs)."""
     x = np.asarray(x, np.float64)
@@ -30,11 +36,13 @@ def tflite_round(x: Any) -> np.ndarray:
     return np.copysign(np.where(a - lo >= 0.5, lo + 1.0, lo), x)
 
 
-def quantize_multiplier(m: Any) -> tuple[np.ndarray, np.ndarray]:
+def quantize_multiplier(m: Any, cap_shift: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The Q31 mantissa and shift of real multipliers ``m`` (TFLite's QuantizeMultiplier).
 
-    m = q * 2**(shift - 31) with q in [2**30, 2**31); m == 0 gives (0, 0);
-    a shift below -31 underflows to (0, 0), one above 30 saturates.
+    m = q * 2**(shift - 31) with q in [2**30, 2**31); m == 0 gives (0, 0); a
+    shift below -31 underflows to (0, 0). A shift above 30 stays as it is
+    (TFLite Micro's default build); ``cap_shift`` saturates it at 30 with the
+    largest mantissa, as builds with TFLITE_SINGLE_ROUNDING do.
     """
     m = np.asarray(m, np.float64)
     if np.any(m < 0) or not np.all(np.isfinite(m)):
@@ -46,8 +54,9 @@ def quantize_multiplier(m: Any) -> tuple[np.ndarray, np.ndarray]:
     shift = np.where(carry, shift + 1, shift).astype(np.int64)
     under = shift < -31
     q, shift = np.where(under, 0, q), np.where(under, 0, shift)
-    over = shift > 30
-    q, shift = np.where(over, INT32_MAX, q), np.where(over, 30, shift)
+    if cap_shift:
+        over = shift > 30
+        q, shift = np.where(over, INT32_MAX, q), np.where(over, 30, shift)
     zero = m == 0
     return np.where(zero, 0, q).astype(np.int64), np.where(zero, 0, shift).astype(np.int64)
 
@@ -83,13 +92,15 @@ def multiply_by_quantized_multiplier(x: Any, multiplier: Any, shift: Any) -> np.
     """x * M for M = (multiplier, shift) from ``quantize_multiplier``, as TFLite's reference kernels do.
 
     Double rounding: the doubling high multiply rounds, then the right shift
-    rounds again (the default build of TFLite and TFLite Micro).
+    rounds again (the default build of TFLite and TFLite Micro). A positive
+    shift is applied first as an int32 multiplication, which wraps on
+    overflow as it does there.
     """
     x = np.asarray(x, np.int64)
     shift = np.asarray(shift, np.int64)
     left = np.maximum(shift, 0)
     right = np.maximum(-shift, 0)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x << left, multiplier), right)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(wrap_int32(x << left), multiplier), right)
 
 
 def multiply_by_quantized_multiplier_single_round(x: Any, multiplier: Any, shift: Any) -> np.ndarray:
@@ -103,12 +114,6 @@ def multiply_by_quantized_multiplier_single_round(x: Any, multiplier: Any, shift
 # ------------------------------------------------- gemmlowp fixed-point helpers
 # Raw int32 values of gemmlowp's FixedPoint<int32_t, IntegerBits> (Q<IntegerBits>.<31 - IntegerBits>),
 # held in int64 arrays. Plain additions wrap modulo 2**32 like the C code on every target.
-
-
-def wrap_int32(x: Any) -> np.ndarray:
-    """Two's complement wrap of integers to int32 (held as int64), like C int32 arithmetic in practice."""
-    x = np.asarray(x, np.int64)
-    return ((x + 2**31) & 0xFFFFFFFF) - 2**31
 
 
 def saturating_rounding_multiply_by_pot(x: Any, exponent: int) -> np.ndarray:

@@ -90,30 +90,15 @@ Pair = int | Sequence[int]
 
 # ------------------------------------------------------------ shared pieces
 def _mbqm(x: Any, multiplier: Any, shift: Any) -> np.ndarray:
-    """MultiplyByQuantizedMultiplier of the build (int32 overload).
-
-    With double rounding a positive shift is applied first as an int32
-    multiplication, x * (1 << shift), which wraps on overflow (seen in TFLM).
-    """
+    """MultiplyByQuantizedMultiplier of the build (int32 overload)."""
     if SINGLE_ROUNDING:
         return multiply_by_quantized_multiplier_single_round(x, multiplier, shift)
-    x, shift = np.asarray(x, np.int64), np.asarray(shift, np.int64)
-    left = np.maximum(shift, 0)
-    return multiply_by_quantized_multiplier(wrap_int32(x << left), multiplier, shift - left)
+    return multiply_by_quantized_multiplier(x, multiplier, shift)
 
 
 def _quantize_multiplier(m: Any) -> tuple[np.ndarray, np.ndarray]:
     """QuantizeMultiplier of the build: shifts above 30 saturate only with single rounding."""
-    q, shift = quantize_multiplier(m)
-    if SINGLE_ROUNDING:
-        return q, shift
-    m = np.asarray(m, np.float64)
-    frac, exp = np.frexp(m)
-    q_big = tflite_round(frac * 2.0**31).astype(np.int64)
-    carry = q_big == 2**31
-    q_big, exp = np.where(carry, q_big // 2, q_big), np.where(carry, exp + 1, exp).astype(np.int64)
-    big = np.isfinite(m) & (exp > 30)
-    return np.where(big, q_big, q), np.where(big, exp, shift)
+    return quantize_multiplier(m, cap_shift=SINGLE_ROUNDING)
 
 
 def _scalar_multiplier(m: float) -> tuple[int, int]:
