@@ -65,6 +65,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyptq.fixedpoint import wrap_int32
+
 F32 = np.float32
 F64 = np.float64
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -257,13 +259,9 @@ def qlinear_conv(x: np.ndarray, x_scale: float, x_zp: int, w: np.ndarray, w_scal
     acc = np.rint(acc).astype(np.int64)  # integer sums far below 2**53: exact in float64
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64).reshape(1, m, 1, 1)
-    acc = _wrap_int32(acc)
+    acc = wrap_int32(acc)
     out_scale = (F32(x_scale) * np.broadcast_to(np.asarray(w_scale, F32), (m,))) / F32(y_scale)
     return requantize_output(acc, out_scale, y_zp, x.dtype.type)
-
-
-def _wrap_int32(v: np.ndarray) -> np.ndarray:
-    return ((np.asarray(v, np.int64) + 2**31) % 2**32) - 2**31
 
 
 def qlinear_add(a: np.ndarray, a_scale: float, a_zp: int, b: np.ndarray, b_scale: float, b_zp: int,
@@ -734,4 +732,4 @@ def qgemm(a: np.ndarray, a_scale: float, a_zp: int, b: np.ndarray, b_scale: np.n
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64).reshape(1, n)
     out_scale = (F32(a_scale) * np.broadcast_to(np.asarray(b_scale, F32), (n,))) / F32(y_scale)
-    return requantize_output(_wrap_int32(acc), out_scale, y_zp, a.dtype.type, channel_axis=1)
+    return requantize_output(wrap_int32(acc), out_scale, y_zp, a.dtype.type, channel_axis=1)
