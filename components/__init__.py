@@ -7,5 +7,6 @@ from tinyptq.components import (
     brecq,  # noqa: F401
     cle,  # noqa: F401
     gptq,  # noqa: F401
+    mixed_precision,  # noqa: F401
     range_setting,  # noqa: F401
 )

@@ -17,6 +17,17 @@ Both feed the MLPerf Tiny KWS front end (16 kHz, 1 s, 49 x 10 MFCCs, see
   evaluation, FSDD training split for calibration).
 
 Features are cached in the tinyptq cache (``features/``, see :mod:`tinyptq.cache`).
+
+Speaker filter (personalized calibration, both use cases on FSDD): ``where=
+{"speaker": name}`` (a name among the FSDD speakers found in the data) keeps that
+speaker's clips: calibration draws from their training-split clips (official
+split: takes 5-49, 450 per speaker), evaluation uses their test-split clips (takes
+0-4, 50 per speaker). The filter selects rows of the cached MFCC arrays through
+the speaker of each row (from the file names, in the cached order), so features
+are never recomputed for it. FSDD evaluation sets carry each row's speaker in
+``EvalSet.extra["speaker"]``. With Speech Commands v2 in the data directory the
+use cases take no filter: its test speakers are, by design, absent from its
+training split, so one speaker's calibration and evaluation clips cannot both exist.
 """
 
 from __future__ import annotations
@@ -30,8 +41,9 @@ import numpy as np
 from tinyptq import datadir
 from tinyptq.cache import cached_arrays, content_hash, file_key
 from tinyptq.datasets.base import check_finite
+from tinyptq.datasets.fsdd import split_speakers
 from tinyptq.datasets.speech_commands import SpeechCommandsFiles, load_speech_commands
-from tinyptq.errors import ModelError
+from tinyptq.errors import DataError, ModelError
 from tinyptq.frontends import (
     kws_clip,
     kws_mfcc,
@@ -39,7 +51,17 @@ from tinyptq.frontends import (
     read_wav,
 )
 from tinyptq.metrics import MetricResult
-from tinyptq.models.usecases import EvalSet, UseCase, register_use_case, seeded_index, seeded_sample
+from tinyptq.models.usecases import (
+    EvalSet,
+    Filter,
+    UseCase,
+    describe_filter,
+    filter_rows,
+    register_use_case,
+    seeded_index,
+    seeded_rows_sample,
+    seeded_sample,
+)
 
 #: Bump when the Speech Commands feature recipe changes so old caches are not reused.
 SC_RECIPE = "sc-kws-mfcc-v1"
@@ -107,28 +129,91 @@ class _KeywordSpotting(UseCase):
 
         return fsdd_mfcc(self.data_dir)
 
-    def calibration_data(self, n: int, seed: int) -> np.ndarray:
-        """``n`` seeded MFCC inputs from the Speech Commands or FSDD training split."""
+    def _fsdd_recordings(self) -> Path:
+        """The FSDD recordings folder (DataError when missing)."""
+        return datadir.require("fsdd", self.data_dir)
+
+    def _fsdd_speakers(
+        self, splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """The speaker of every row of the cached ``splits`` (same file order), checked."""
+        recordings = self._fsdd_recordings()
+        speakers = split_speakers(recordings)
+        for name, (x, _) in splits.items():
+            if len(speakers[name]) != len(x):
+                raise DataError(
+                    f"FSDD features of the {name} split ({len(x)} clips) do not match the "
+                    f"{len(speakers[name])} files in {recordings}; clear the tinyptq feature cache"
+                )
+        return speakers
+
+    def filter_keys(self) -> tuple[str, ...]:
+        """``("speaker",)`` on FSDD; none when Speech Commands v2 is used."""
+        return () if self._speech_commands() is not None else ("speaker",)
+
+    def filter_values(self, key: str) -> list[str]:
+        """The FSDD speakers found in the data."""
+        from tinyptq.datasets.fsdd import speakers
+
+        return speakers(self._fsdd_recordings()) if key == "speaker" else []
+
+    def _no_filter_reason(self) -> str:
+        if self._speech_commands() is not None:
+            return (
+                "speaker filters need FSDD, and Speech Commands v2 (in the data directory) "
+                "keeps its test speakers out of its training split"
+            )
+        return ""
+
+    def calibration_data(self, n: int, seed: int, where: Filter | None = None) -> np.ndarray:
+        """``n`` seeded MFCC inputs from the Speech Commands or FSDD training split.
+
+        ``where={"speaker": name}`` (FSDD) draws from that speaker's training clips only.
+        """
+        where = self.check_filter(where, "calibration filter")
         root = self._speech_commands()
         if root is None:
-            return seeded_sample(self._fsdd()["train"][0], n, seed, "FSDD calibration MFCCs")
+            splits = self._fsdd()
+            x = splits["train"][0]
+            if not where:
+                return seeded_sample(x, n, seed, "FSDD calibration MFCCs")
+            speakers = self._fsdd_speakers(splits)["train"]
+            rows = filter_rows({"speaker": speakers}, where, "FSDD training clips")
+            return seeded_rows_sample(
+                x, rows, n, seed, f"FSDD calibration MFCCs ({describe_filter(where)})"
+            )
         train = _speech_commands_split(root, "train")
         index = seeded_index(len(train), n, seed)
         x = speech_commands_mfcc([train.paths[i] for i in index], train.offsets[index])
         return check_finite(x.astype(np.float32), "Speech Commands calibration MFCCs")
 
-    def eval_set(self) -> EvalSet:
-        """Speech Commands v2 test split (labelled) when present, else the FSDD test split."""
+    def eval_set(self, where: Filter | None = None) -> EvalSet:
+        """Speech Commands v2 test split (labelled) when present, else the FSDD test split.
+
+        FSDD: ``extra["speaker"]`` holds each row's speaker; ``where={"speaker": name}``
+        keeps that speaker's test clips only.
+        """
+        where = self.check_filter(where, "evaluation filter")
         root = self._speech_commands()
         if root is None:
-            return self._fsdd_eval_set()
+            splits = self._fsdd()
+            x, y = splits["test"]
+            speakers = self._fsdd_speakers(splits)["test"]
+            if where:
+                rows = filter_rows({"speaker": speakers}, where, "FSDD test clips")
+                x, y, speakers = x[rows], y[rows], speakers[rows]
+            data = self._fsdd_eval_set(x, y)
+            data.extra["speaker"] = speakers
+            if where:
+                data.source = f"{data.source}, {describe_filter(where)}"
+            return data
         test = _speech_commands_split(root, "test")
         x = speech_commands_mfcc(test.paths, test.offsets)
         return EvalSet(x, test.labels, "Speech Commands v2 test split", {"classes": SC_CLASSES})
 
     @abstractmethod
-    def _fsdd_eval_set(self) -> EvalSet:
-        """The evaluation set used when Speech Commands is absent."""
+    def _fsdd_eval_set(self, x: np.ndarray, y: np.ndarray) -> EvalSet:
+        """The evaluation set of FSDD test MFCCs ``x`` with digits ``y`` (no Speech Commands)."""
 
     def metric(self, data: EvalSet, scores: np.ndarray, reference: np.ndarray) -> MetricResult:
         """Accuracy (labels) or top-1 agreement with FP32; checks the model's class count."""
@@ -157,9 +242,8 @@ class KeywordSpottingFSDD(_KeywordSpotting):
 
         return kws_fsdd_model(self.data_dir)
 
-    def _fsdd_eval_set(self) -> EvalSet:
+    def _fsdd_eval_set(self, x: np.ndarray, y: np.ndarray) -> EvalSet:
         """FSDD official test split with digit labels."""
-        x, y = self._fsdd()["test"]
         return EvalSet(x, y, "FSDD official test split", {"classes": FSDD_CLASSES})
 
 
@@ -171,7 +255,6 @@ class KeywordSpottingMLPerf(_KeywordSpotting):
     description = "keyword spotting: MLPerf Tiny DS-CNN (Speech Commands v2, else FSDD label-free)"
     model_asset = "kws_dscnn"
 
-    def _fsdd_eval_set(self) -> EvalSet:
+    def _fsdd_eval_set(self, x: np.ndarray, y: np.ndarray) -> EvalSet:
         """FSDD official test split, unlabelled (the model's classes are not digits)."""
-        x, _ = self._fsdd()["test"]
         return EvalSet(x, None, "FSDD official test split (label-free)")

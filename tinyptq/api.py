@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,11 @@ def evaluate_deployed(
     return uc.metric(data, scores, reference)
 
 
-def _fp32_baseline(uc, graph, model: str | Path | None):
-    """The evaluation set, the FP32 scores on it and the FP32 metric (before any stage runs)."""
+def _fp32_baseline(uc, graph, model: str | Path | None, where: Mapping[str, str] | None = None):
+    """The evaluation set (restricted by ``where``), the FP32 scores on it and the FP32 metric."""
     from tinyptq.errors import ModelError
 
-    data = uc.eval_set()
+    data = uc.eval_set(where=where) if where else uc.eval_set()
     graph.check_input(data.x, f"{uc.name} evaluation data")
     scores = graph.predict(data.x)
     try:
@@ -121,10 +122,14 @@ def quantize(
     on_stage=None,
     calib_data: str | Path | np.ndarray | None = None,
     target: str | None = None,
+    calib_filter: Mapping[str, str] | str | None = None,
+    eval_filter: Mapping[str, str] | str | None = None,
 ) -> QuantizeResult:
     """Run a PTQ pipeline on a use case; return the state, sim and summary.
 
     ``target`` (qdq, tflite, onnxruntime) overrides the pipeline's: the arithmetic the quantized metric is computed with.
+    ``calib_filter`` / ``eval_filter`` (a mapping or ``key=value,...`` text, e.g. ``speaker=jackson``)
+    restrict the use case's calibration / evaluation samples (see ``UseCase.filter_keys``).
     """
     from tinyptq.models.usecases import get_use_case
 
@@ -141,6 +146,10 @@ def quantize(
         seed = validate("quantize", "seed", seed, SEED)
     calib_seed = seed if seed is not None else spec.calibration.get("seed", 0)
     uc = get_use_case(use_case, data_dir)
+    calib_where = uc.check_filter(calib_filter, "calibration filter")
+    eval_where = uc.check_filter(eval_filter, "evaluation filter")
+    if calib_where and calib_data is not None:
+        raise ConfigError("a calibration filter selects the use case's own samples; it cannot apply to given calib_data")
     graph = uc.load_graph(model)
     # the whole order, with the rules grids use, before any stage runs
     problem = order_problem([s.name for s in stages.stages], batch_norms=bool(graph.batch_norm_names()))
@@ -150,10 +159,12 @@ def quantize(
     if calib_data is not None:
         calib = load_calibration(calib_data)
         calib = calib[:calib_samples] if calib_samples is not None else calib
+    elif calib_where:
+        calib = uc.calibration_data(n, calib_seed, where=calib_where)
     else:
         calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
-    data, fp32_scores, fp32 = _fp32_baseline(uc, graph, model)
+    data, fp32_scores, fp32 = _fp32_baseline(uc, graph, model, eval_where)
     fp32_bytes = graph.param_count() * 4
 
     state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)
@@ -178,7 +189,8 @@ def quantize(
         "metric_extras": dict(quant.extras),
         "bits": {"weights": config.weight_bits, "activations": config.act_bits},
         "quant_config": config.to_dict(),
-        "calibration": {"samples": len(calib), "seed": calib_seed},
+        # the filter only when one was given: unfiltered summaries keep their shape
+        "calibration": {"samples": len(calib), "seed": calib_seed, **({"filter": calib_where} if calib_where else {})},
         "pipeline": {
             "name": spec.name,
             "stages": [{s.name: _jsonable(s.get_params())} for s in stages.stages],

@@ -56,6 +56,32 @@ _data_dir_option = click.option(
     default=None,
     help="Data directory (default $TINYPTQ_DATA_DIR, else the user cache).",
 )
+
+
+def _parse_filter_option(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, str] | None:
+    """A --*-filter text as a {key: value} dict (ConfigError, one line, on bad syntax); None when not given."""
+    if value is None:
+        return None
+    from tinyptq.models.usecases import parse_filter
+
+    return parse_filter(value, param.opts[0])
+
+
+def filter_option(*decls: str, help: str) -> Any:
+    """``click.option`` for a sample filter (``key=value,...``, e.g. ``speaker=jackson``) read into a dict."""
+    return click.option(*decls, default=None, metavar="KEY=VALUE[,...]", callback=_parse_filter_option, help=help)
+
+
+#: Restrict the use case's calibration samples (personalization: one user's unlabelled samples).
+_calib_filter_option = filter_option(
+    "--calib-filter",
+    help="Calibrate on the use case's samples matching KEY=VALUE pairs only, e.g. speaker=jackson (kws on FSDD).",
+)
+#: Restrict the use case's evaluation samples the same way.
+_eval_filter_option = filter_option(
+    "--eval-filter",
+    help="Evaluate on the use case's samples matching KEY=VALUE pairs only, e.g. speaker=jackson (kws on FSDD).",
+)
 _use_case_option = click.option("--use-case", required=True, help="ic, kws, kws-mlperf, vww or ad.")
 _model_option = click.option(
     "--model", type=click.Path(path_type=Path), default=None, help="Model file instead of the use case's default."
@@ -109,6 +135,8 @@ def eval_cmd(use_case: str, model: Path | None, data_dir: Path | None, runtime: 
 @click.option(
     "--calib-data", type=click.Path(path_type=Path), default=None, help="Calibration inputs (.npy, N x input shape)."
 )
+@_calib_filter_option
+@_eval_filter_option
 @click.option(
     "--target",
     type=click.Choice(TARGETS),
@@ -133,6 +161,8 @@ def quantize(
     calib_samples: int | None,
     seed: int | None,
     calib_data: Path | None,
+    calib_filter: dict[str, str] | None,
+    eval_filter: dict[str, str] | None,
     target: str | None,
     model: Path | None,
     data_dir: Path | None,
@@ -159,7 +189,7 @@ def quantize(
     try:
         result = api.quantize(
             use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, on_stage, calib_data,
-            target,
+            target, calib_filter=calib_filter, eval_filter=eval_filter,
         )
         if bars:
             bars[0].update(bars[0].total - bars[0].n)
@@ -270,7 +300,7 @@ def train(use_case: str, data_dir: Path | None, seed: int, epochs: int, force: b
     click.echo(f"kws: trained model at {path}")
 
 
-from tinyptq import cli_ablate  # noqa: E402,F401  (registers ablate and report)
+from tinyptq import cli_ablate, cli_pareto  # noqa: E402,F401  (register ablate, report and pareto)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -323,6 +323,53 @@ class Optional(Constraint):
         return self.inner.invalid_texts()
 
 
+class IntList(Constraint):
+    """A non-empty list of distinct integers in [lo, hi] (e.g. candidate bit-widths), kept sorted.
+
+    The command line (and a grid cell) may give it as comma-separated text: ``"2,3,4"``.
+    """
+
+    metavar = "INTS"
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.description = f"a non-empty list of distinct integers from {lo} to {hi}"
+
+    def accepts(self, value: Any) -> bool:
+        """Lists (or tuples) of distinct in-range integers, or such comma-separated text."""
+        if isinstance(value, str):
+            value = self.from_text(value)
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) > 0
+            and all(_is_int(v) and self.lo <= v <= self.hi for v in value)
+            and len(set(value)) == len(value)
+        )
+
+    def normalize(self, value: Any) -> list[int]:
+        """A sorted list of ints."""
+        if isinstance(value, str):
+            value = self.from_text(value)
+        return sorted(int(v) for v in value)
+
+    def from_text(self, text: str) -> Any:
+        """'2,3,4' -> [2, 3, 4] (text that is not such a list stays text and is rejected)."""
+        parts = [p.strip() for p in str(text).split(",")]
+        return [int(p) for p in parts] if all(_INT_TEXT.match(p) for p in parts) else text
+
+    def invalid_examples(self) -> list[Any]:
+        """Empty, out of range, repeated, fractional, a bare number, null."""
+        return [[], [self.lo - 1], [self.hi + 1], [self.lo, self.lo], [self.lo + 0.5], self.lo, None]
+
+    def boundary_examples(self) -> list[Any]:
+        """One value at each bound, and both."""
+        return [[self.lo], [self.hi], [self.lo, self.hi]]
+
+    def invalid_texts(self) -> list[str]:
+        """Out of range, repeated, not numbers."""
+        return [str(self.lo - 1), f"{self.lo},{self.lo}", "a,b", ""]
+
+
 # ----------------------------------------------- shared by several surfaces
 # numpy's and Keras's seeding take 0 .. 2**32 - 1
 SEED = Integer(0, 2**32 - 1)

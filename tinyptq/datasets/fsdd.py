@@ -82,6 +82,20 @@ def load_fsdd(
     }
 
 
+def split_speakers(
+    recordings_dir: Path,
+    split: str = "official",
+    test_speakers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """The speaker of every file of :func:`load_fsdd`'s splits, in the same order (str arrays)."""
+    files = load_fsdd(recordings_dir, split, test_speakers, seed)
+    return {
+        name: np.array([_parse(Path(p)).speaker for p in f.paths], dtype=str)
+        for name, f in files.items()
+    }
+
+
 def _choose_test_speakers(
     recs: list[Recording], recordings_dir: Path, test_speakers: Sequence[str] | None, seed: int
 ) -> set[str]:
