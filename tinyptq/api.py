@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 
 from tinyptq import __version__
+from tinyptq.cost import CostModel
 from tinyptq.errors import ConfigError
-from tinyptq.metrics import MetricResult, weight_bytes
+from tinyptq.metrics import MetricResult
 from tinyptq.params import CALIB_SAMPLES, SEED, validate
 from tinyptq.pipeline import Pipeline, PTQState, order_problem
 from tinyptq.pipeline_file import PipelineSpec
@@ -172,6 +173,7 @@ def quantize(
     sim = QuantSim(state)
     predict = sim.predict if config.target == "qdq" else target_predictor(state)
     quant = uc.metric(data, predict(data.x), fp32_scores)
+    cost = CostModel(state.graph).for_state(state)
     summary = {
         "tinyptq_version": __version__,
         "use_case": uc.name,
@@ -197,8 +199,10 @@ def quantize(
         },
         "stage_seconds": state.stage_seconds(),
         "stage_log": [{"stage": r.stage, "seconds": round(r.seconds, 4), "lines": r.lines} for r in state.log],
-        "weight_bytes": weight_bytes(state.graph, state.weight_encodings),
+        "weight_bytes": cost.weight_bytes,
         "fp32_weight_bytes": fp32_bytes,
+        # the cost model's totals and per-layer rows (tinyptq.cost)
+        "cost": cost.to_dict(),
         "seconds_total": round(time.perf_counter() - start, 3),
     }
     return QuantizeResult(state, sim, summary)

@@ -210,7 +210,11 @@ def quantize(
             f"{s['metric']} {s['quantized']:.4g} {s['metric_unit']}"
         )
     extras = "".join(f"; {k} {v:.4f}" for k, v in s["metric_extras"].items())
-    click.echo(f"{head}{result_text}{extras}; weights {s['weight_bytes']} B (FP32 {s['fp32_weight_bytes']} B)")
+    cost = s["cost"]
+    click.echo(
+        f"{head}{result_text}{extras}; weights {s['weight_bytes']} B (FP32 {s['fp32_weight_bytes']} B), "
+        f"peak activations {cost['peak_activation_bytes']} B, {cost['bops'] / 1e6:.1f} MBOPs"
+    )
     for rec in s["stage_log"]:
         click.echo(f"  {rec['stage']} ({rec['seconds']:.2f} s): " + "; ".join(rec["lines"]))
     click.echo(f"summary: {path}")

@@ -1,4 +1,4 @@
-"""Metrics of use cases and models: accuracy, AUC, agreement, SQNR, rank correlation, size."""
+"""Metrics of use cases and models: accuracy, AUC, agreement, SQNR, rank correlation (costs: tinyptq.cost)."""
 
 from __future__ import annotations
 
@@ -102,32 +102,3 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(np.ravel(a), np.ravel(b)).statistic)
-
-
-def weight_bytes(graph, weight_encodings: dict) -> int:
-    """Bytes of all weights when quantized kernels take their bit-width.
-
-    Quantized kernels are counted at ``bits`` per value (packed), their biases
-    as int32, and every other parameter (unfolded BN, unquantized layers) as
-    float32.
-    """
-    total_bits = graph.param_count() * 32
-    for name, enc in weight_encodings.items():
-        total_bits -= graph.kernel(name).size * (32 - enc.bits)
-    return int(math.ceil(total_bits / 8))
-
-
-def bops(graph, weight_encodings: dict, act_encodings: dict) -> tuple[float, float]:
-    """Bit operations of one inference, quantized and FP32: sum of MACs x weight bits x input bits.
-
-    A kernel or a layer input without an encoding counts as 32-bit float.
-    """
-    macs = graph.layer_macs()
-    total = 0.0
-    for layer in graph.quant_layers():
-        w_enc = weight_encodings.get(layer.name)
-        a_enc = act_encodings.get(layer.input_point) if layer.input_point else None
-        w_bits = w_enc.bits if w_enc is not None else 32
-        a_bits = a_enc.bits if a_enc is not None else 32
-        total += macs[layer.name] * w_bits * a_bits
-    return total, float(sum(macs.values())) * 32 * 32

@@ -27,6 +27,7 @@ from tinyptq.allocation import BUDGETS
 from tinyptq.errors import ConfigError
 from tinyptq.params import Real, validate
 from tinyptq.pipeline import Pipeline, PTQState, Stage, create_stage, order_problem
+from tinyptq.quant import BITS
 from tinyptq.sensitivity import _Memo
 
 COST_KEYS = ("params", "weight_bytes", "macs", "bops", "peak_activation_bytes", "memory_io_bytes")
@@ -59,7 +60,9 @@ def parse_uniform(text: str) -> list[tuple[int, int]]:
         w, sep, a = item.upper().lstrip("W").partition("A")
         if not sep or not (w.isdigit() and a.isdigit()):
             raise ConfigError(f"--uniform '{item}': expected WnAm, e.g. W4A8")
-        out.append((int(w), int(a)))
+        # checked here, in one line, not in the sweep (where a bad value would become an error row)
+        bits = validate("--uniform", "weight bits", int(w), BITS), validate("--uniform", "act bits", int(a), BITS)
+        out.append(bits)
     return out
 
 
@@ -98,7 +101,7 @@ def sweep(
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "pareto.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    rows = read_log(log)
     done = {r["point"] for r in rows}
     config = spec.quant_config()
     prefix, rest = split_pipeline(Pipeline.from_spec(spec).stages)
@@ -148,6 +151,33 @@ def sweep(
         rows.append(row)
         with log.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+    return rows
+
+
+def read_log(log: Path) -> list[dict[str, Any]]:
+    """The finished points in ``pareto.jsonl`` (none when it is missing).
+
+    A line cut short by an interrupted write is dropped, and the file rewritten
+    without it, so that its point runs again and the next row starts on a line
+    of its own.
+    """
+    if not log.exists():
+        return []
+    text = log.read_text()
+    rows, damaged = [], not text.endswith("\n") and bool(text)
+    for line in filter(str.strip, text.splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "point" in row:
+            rows.append(row)
+        else:
+            damaged = True
+    if damaged:
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(log)
     return rows
 
 

@@ -55,6 +55,11 @@ COLUMNS: dict[str, str] = {
     "fp32_weight_bytes": "INTEGER",
     "bops": "REAL",
     "fp32_bops": "REAL",
+    # the cost model (tinyptq.cost): totals of the quantized model
+    "params": "INTEGER",
+    "macs": "INTEGER",
+    "peak_activation_bytes": "INTEGER",
+    "memory_io_bytes": "INTEGER",
     "stage_seconds": "TEXT",  # JSON {stage: seconds}
     "seconds": "REAL",
     "status": "TEXT",  # done | failed | skipped
@@ -229,6 +234,11 @@ def stored_statuses(out_dir: str | Path) -> dict[str, str]:
 def _create_tables(con: sqlite3.Connection) -> None:
     cols = ", ".join(f"{c} {t}" for c, t in COLUMNS.items())
     con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+    # a store written by an earlier version lacks the newer columns: add them (empty for old rows)
+    have = {r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
+    for column, kind in COLUMNS.items():
+        if column not in have:
+            con.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
     con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
 
 

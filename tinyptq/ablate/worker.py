@@ -102,6 +102,16 @@ def _use_case(task: Task):
     return _MEMO[key]
 
 
+def _cost_model(graph):
+    """The cost model of ``graph`` (built once per graph as it is: a float run and a MAC count)."""
+    from tinyptq.cost import CostModel
+
+    key = ("cost", graph.fingerprint())
+    if key not in _MEMO:
+        _MEMO[key] = CostModel(graph)
+    return _MEMO[key]
+
+
 def _fp32(uc, graph, data) -> dict[str, Any]:
     scores = graph.predict(data.x)
     return {"scores": scores, "metric": uc.metric(data, scores, scores)}
@@ -121,7 +131,6 @@ def _calibration(task: Task, uc, graph, n: int, seed: int):
 
 
 def _run(task: Task) -> dict[str, Any]:
-    from tinyptq.metrics import bops, weight_bytes
     from tinyptq.pipeline import Pipeline, PTQState
     from tinyptq.pipeline_file import PipelineSpec
     from tinyptq.sim import target_predictor
@@ -141,7 +150,8 @@ def _run(task: Task) -> dict[str, Any]:
 
     quant = uc.metric(data, target_predictor(state)(data.x), fp32["scores"])
     ref = fp32["metric"]
-    q_bops, f_bops = bops(state.graph, state.weight_encodings, state.act_encodings)
+    cost = _cost_model(state.graph).for_state(state).summary()
+    fp32_cost = _cost_model(base_graph).evaluate({}, {}).summary()
     return {
         "metric": quant.name,
         "metric_unit": quant.unit,
@@ -150,10 +160,9 @@ def _run(task: Task) -> dict[str, Any]:
         "fp32": float(ref.value),
         "delta": float(quant.value - ref.value) if quant.name == ref.name else None,
         "extras": {**{k: float(v) for k, v in quant.extras.items()}, "cached_stages": done},
-        "weight_bytes": weight_bytes(state.graph, state.weight_encodings),
-        "fp32_weight_bytes": base_graph.param_count() * 4,
-        "bops": q_bops,
-        "fp32_bops": f_bops,
+        **cost,  # params, weight_bytes, macs, bops, peak_activation_bytes, memory_io_bytes
+        "fp32_weight_bytes": fp32_cost["weight_bytes"],
+        "fp32_bops": fp32_cost["bops"],
         "stage_seconds": state.stage_seconds(),
     }
 
