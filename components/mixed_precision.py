@@ -31,7 +31,7 @@ from typing import Any
 
 from tinyptq.allocation import BUDGETS, Allocation, Problem, allocate
 from tinyptq.components.range_setting import first_last_layers, first_last_points
-from tinyptq.config import LayerOverride
+from tinyptq.config import LayerOverride, QuantConfig
 from tinyptq.cost import CostModel
 from tinyptq.errors import ConfigError
 from tinyptq.params import IntList, Integer, Optional, Options, Real
@@ -94,7 +94,8 @@ class MixedPrecision(Stage):
         cost = CostModel(state.graph)
         problem = self.problem(state, sens, cost)
         choice = allocate(problem, budgets)
-        state.config = state.config.replace(overrides=(*state.config.overrides, *overrides(choice)))
+        config = state.config.replace(overrides=(*state.config.overrides, *overrides(choice)))
+        state.config = keep_float(state.graph, config, choice)
         check = cost.for_config(state.config).summary()
         self.record(state, self.lines(choice, budgets, sens), allocation=_plain(choice),
                     cost=check, sensitivity=sens.to_dict())
@@ -177,6 +178,26 @@ def overrides(choice: Allocation) -> list[LayerOverride]:
         if bits != FLOAT_BITS
     ]
     return out
+
+
+def keep_float(graph: Any, config: QuantConfig, choice: Allocation) -> QuantConfig:
+    """``config`` with every tensor the allocation left in float (a ``quantize: false`` override) float again.
+
+    An override matches a point by its name or its owner's, and every override
+    sets ``quantize`` (True by default): a layer's weight-bits override would
+    switch the points it owns back on (and a point's override a layer of the
+    same name), against an earlier ``quantize: false`` for them. Those tensors
+    get an exact-name ``quantize: false`` override after the allocation's.
+    """
+    owners = {p.name: p.owner for p in graph.act_points()}
+    names = [n for n, b in choice.weight_bits.items() if b == FLOAT_BITS and config.weight_spec(n) is not None]
+    names += [
+        n for n, b in choice.act_bits.items() if b == FLOAT_BITS and config.act_spec(n, owners[n]) is not None
+    ]
+    if not names:
+        return config
+    extra = tuple(LayerOverride(pattern=glob.escape(n), quantize=False) for n in dict.fromkeys(names))
+    return config.replace(overrides=(*config.overrides, *extra))
 
 
 def _plain(choice: Allocation) -> dict[str, Any]:

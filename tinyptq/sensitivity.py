@@ -30,6 +30,7 @@ calibration data).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from tinyptq.config import LayerOverride
 from tinyptq.executor import ACTIVATION, WEIGHT
 from tinyptq.pipeline import PTQState, StageCache
 from tinyptq.quant import Encoding
@@ -103,20 +105,26 @@ class _Memo(StageCache):
         return self.store[full]
 
 
+def _without_bits(overrides: Sequence[LayerOverride]) -> tuple[LayerOverride, ...]:
+    """The overrides with their bit-widths removed (what stays float, and the granularity)."""
+    return tuple(dataclasses.replace(o, weight_bits=None, act_bits=None) for o in overrides)
+
+
 def candidate_encodings(
     state: PTQState, weight_bits: Sequence[int], act_bits: Sequence[int], cache: StageCache
 ) -> tuple[dict[str, dict[int, Encoding]], dict[str, dict[int, Encoding]]]:
     """MSE-range encodings of every kernel and activation point at every candidate bit-width.
 
-    The state's granularity (per-channel, symmetric) is kept; per-layer bit
-    overrides and the first/last rule are not applied (every layer gets every
-    candidate); layers or points an override leaves in float get none.
+    The state's granularity (per-channel, symmetric, with its per-layer
+    overrides) is kept; bit-widths of overrides and the first/last rule are not
+    applied (every layer gets every candidate); layers or points the overrides
+    leave in float get none. Every override is kept with its bits removed: each
+    one sets ``quantize``, so a later one may switch back on what an earlier
+    ``quantize: false`` left in float.
     """
     from tinyptq.components.range_setting import RangeSetting
 
-    base = state.config.replace(
-        keep_first_last_8bit=False, overrides=tuple(o for o in state.config.overrides if not o.quantize)
-    )
+    base = state.config.replace(keep_first_last_8bit=False, overrides=_without_bits(state.config.overrides))
     stage = RangeSetting(weights="mse", activations="mse")
     weights: dict[str, dict[int, Encoding]] = {}
     acts: dict[str, dict[int, Encoding]] = {}
@@ -149,7 +157,7 @@ def measure(
     key = (
         state.graph.fingerprint(),
         cfg.weight_per_channel, cfg.weight_symmetric, cfg.act_symmetric, cfg.weight_narrow_range,
-        tuple(o.pattern for o in cfg.overrides if not o.quantize),
+        tuple(repr(o) for o in _without_bits(cfg.overrides)),
         tuple(sorted(weight_bits)), tuple(sorted(act_bits)), method, hashlib.sha256(x.tobytes()).hexdigest(),
     )
 

@@ -190,14 +190,20 @@ _OTHER_STRINGS = {
     ("bias_correction", "method"): "analytical",
     ("adaround", "input_from"): "float",
     ("brecq", "loss"): "fisher",
+    ("mixed_precision", "sensitivity"): "kl",
 }
 # options held small in every variant: reconstruction learns 2000 iterations per layer by default
 QUICK = {"iterations": 4}
+# options a stage cannot run without, in every variant: mixed precision needs a budget the
+# contract model can meet (the other budgets stay unset: small ones would be infeasible)
+REQUIRED = {"mixed_precision": {"weight_kb": 3.0}}
 
 
 def _candidates(stage: str, option: str, param: inspect.Parameter) -> list[Any]:
     """Non-default values to try for one option, most telling first."""
     default, note = param.default, str(param.annotation)
+    if stage in REQUIRED and default is None:  # budgets: the required one only
+        return []
     if (stage, option) in _OTHER_STRINGS:
         return [_OTHER_STRINGS[stage, option]]
     if isinstance(default, bool):
@@ -235,8 +241,8 @@ def custom_options(name: str) -> dict[str, Any]:
 
 
 def quick(name: str) -> dict[str, Any]:
-    """The QUICK options that stage ``name`` takes."""
-    return {k: v for k, v in QUICK.items() if k in registry()[name].param_names()}
+    """The QUICK options that stage ``name`` takes, and the ones it requires."""
+    return {**{k: v for k, v in QUICK.items() if k in registry()[name].param_names()}, **REQUIRED.get(name, {})}
 
 
 STAGE_NAMES = sorted(registry())
@@ -369,7 +375,7 @@ def prefix_state(graphs, calib):
         key = (graph, stages)
         if key not in cache:
             if stages:
-                cache[key] = create_stage(stages[-1]).apply(clone(make(graph, stages[:-1])))
+                cache[key] = create_stage(stages[-1], REQUIRED.get(stages[-1])).apply(clone(make(graph, stages[:-1])))
             else:
                 cache[key] = PTQState(graphs[graph].copy(), CONFIG, calib.copy(), seed=SEED)
         return cache[key]
