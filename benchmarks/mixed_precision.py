@@ -31,8 +31,7 @@ from tqdm import tqdm
 from tinyptq.config import QuantConfig
 from tinyptq.cost import CostModel
 from tinyptq.models.usecases import get_use_case
-from tinyptq.pipeline import Pipeline, PTQState, create_stage
-from tinyptq.sensitivity import _Memo
+from tinyptq.pipeline import MemoryCache, Pipeline, PTQState, create_stage
 from tinyptq.sim import QuantSim
 
 RESULTS = Path(__file__).parent / "results"
@@ -84,7 +83,7 @@ def main() -> None:
             wb, ab = parse_bits(bits)
             config = QuantConfig(weight_bits=wb, act_bits=ab, weight_per_channel=True)
             prefix = Pipeline([create_stage(n, o) for n, o in PREFIX]).run(
-                PTQState(graph.copy(), config, calib, seed=args.seed, cache=_Memo())
+                PTQState(graph.copy(), config, calib, seed=args.seed, cache=MemoryCache())
             )
             cost = CostModel(prefix.graph)
             budget = cost.for_config(config).weight_bytes / 1024

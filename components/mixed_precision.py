@@ -34,7 +34,7 @@ from tinyptq.components.range_setting import first_last_layers, first_last_point
 from tinyptq.config import LayerOverride, QuantConfig
 from tinyptq.cost import CostModel
 from tinyptq.errors import ConfigError
-from tinyptq.params import IntList, Integer, Optional, Options, Real
+from tinyptq.params import Integer, IntList, Optional, Options, Real
 from tinyptq.pipeline import PTQState, Stage, register
 from tinyptq.quant import MAX_BITS, MIN_BITS
 from tinyptq.sensitivity import METHODS, Sensitivity, measure

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from tinyptq.cli import _calib_filter_option, _data_dir_option, _eval_filter_option, _model_option, _use_case_option, cli
+from tinyptq.cli import (
+    _calib_filter_option,
+    _data_dir_option,
+    _eval_filter_option,
+    _model_option,
+    _use_case_option,
+    cli,
+)
 
 
 @cli.command()

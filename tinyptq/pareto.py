@@ -14,21 +14,23 @@ interrupted sweep resumes and nothing computed is lost); the table goes to
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sklearn.model_selection import ParameterGrid
 from tqdm import tqdm
 
 from tinyptq.allocation import BUDGETS
+from tinyptq.cache import content_hash
 from tinyptq.errors import ConfigError
 from tinyptq.params import Real, validate
-from tinyptq.pipeline import Pipeline, PTQState, Stage, create_stage, order_problem
+from tinyptq.pipeline import MemoryCache, Pipeline, PTQState, Stage, create_stage, order_problem
 from tinyptq.quant import BITS
-from tinyptq.sensitivity import _Memo
 
 COST_KEYS = ("params", "weight_bytes", "macs", "bops", "peak_activation_bytes", "memory_io_bytes")
 PLOT_AXIS = {  # budget -> (cost key, axis label, scale)
@@ -101,7 +103,13 @@ def sweep(
 
     out.mkdir(parents=True, exist_ok=True)
     log = out / "pareto.jsonl"
-    rows = read_log(log)
+    # rows of another request (use case, pipeline, calibration or evaluation data) in the same
+    # directory stay in the log but are neither reused nor reported
+    request = content_hash(
+        uc.name, spec.to_dict(), hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest(),
+        hashlib.sha256(np.ascontiguousarray(data.x).tobytes()).hexdigest(),
+    )
+    rows = [r for r in read_log(log) if r.get("request") == request]
     done = {r["point"] for r in rows}
     config = spec.quant_config()
     prefix, rest = split_pipeline(Pipeline.from_spec(spec).stages)
@@ -118,13 +126,13 @@ def sweep(
         return rows
     seed = spec.calibration.get("seed", 0)
     start = time.perf_counter()
-    base = Pipeline(prefix).run(PTQState(graph, config, calib, seed=seed, cache=_Memo()))
+    base = Pipeline(prefix).run(PTQState(graph, config, calib, seed=seed, cache=MemoryCache()))
     prefix_seconds = time.perf_counter() - start
     cost = CostModel(base.graph)  # after the prefix: BN folding renames points
     fp32 = uc.metric(data, fp32_scores, fp32_scores)
     for label, combo, bits in tqdm(todo, desc=f"pareto {uc.name}", disable=not progress):
         start = time.perf_counter()
-        row: dict[str, Any] = {"point": label, "use_case": uc.name, "kind": "uniform" if bits else "mixed",
+        row: dict[str, Any] = {"point": label, "request": request, "use_case": uc.name, "kind": "uniform" if bits else "mixed",
                                "budgets": combo, "fp32": fp32.value, "metric": fp32.name}
         try:
             if bits:

@@ -131,6 +131,20 @@ class StageCache:
         return compute()
 
 
+class MemoryCache(StageCache):
+    """A StageCache in this process's memory: runs that share it compute each entry once."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, Any] = {}
+
+    def get_or_compute(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
+        """The stored value, computed on first use."""
+        full = repr((kind, key))
+        if full not in self.store:
+            self.store[full] = compute()
+        return self.store[full]
+
+
 # --------------------------------------------------------------------- stage
 class Stage:
     """Base class of pipeline stages: hyperparameters in ``__init__``, work in ``apply``.

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from tinyptq.config import LayerOverride
 from tinyptq.executor import ACTIVATION, WEIGHT
-from tinyptq.pipeline import PTQState, StageCache
+from tinyptq.pipeline import MemoryCache, PTQState, StageCache
 from tinyptq.quant import Encoding
 
 METHODS = ("sqnr", "kl", "myqasr", "fisher")
@@ -91,20 +91,6 @@ class Sensitivity:
         return "\n".join(lines)
 
 
-class _Memo(StageCache):
-    """An in-process cache (used when the state carries none)."""
-
-    def __init__(self) -> None:
-        self.store: dict[Any, Any] = {}
-
-    def get_or_compute(self, kind: str, key: Any, compute: Callable[[], Any]) -> Any:
-        """The stored value, computed once."""
-        full = (kind, repr(key))
-        if full not in self.store:
-            self.store[full] = compute()
-        return self.store[full]
-
-
 def _without_bits(overrides: Sequence[LayerOverride]) -> tuple[LayerOverride, ...]:
     """The overrides with their bit-widths removed (what stays float, and the granularity)."""
     return tuple(dataclasses.replace(o, weight_bits=None, act_bits=None) for o in overrides)
@@ -151,7 +137,7 @@ def measure(
     """The sensitivity of every layer and point of ``state`` at every candidate (cached, see module doc)."""
     import time
 
-    cache = state.cache if state.cache is not None else _Memo()
+    cache = state.cache if state.cache is not None else MemoryCache()
     x = np.asarray(state.calib[:samples], np.float32)
     cfg = state.config
     key = (

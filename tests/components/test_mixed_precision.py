@@ -36,8 +36,8 @@ from tinyptq.cost import CostModel, ModelCost
 from tinyptq.errors import ConfigError
 from tinyptq.graph.loading import load_graph
 from tinyptq.graph.onnx_graph import OnnxGraph
-from tinyptq.pipeline import Pipeline, PTQState, create_stage, order_problem
-from tinyptq.sensitivity import _Memo, measure
+from tinyptq.pipeline import MemoryCache, Pipeline, PTQState, create_stage, order_problem
+from tinyptq.sensitivity import measure
 from tinyptq.sim import QuantSim
 
 FLOAT = mp.FLOAT_BITS
@@ -95,8 +95,8 @@ def small():
     """The small model and its ONNX twin, each with a memo (sensitivity and activation statistics)."""
     graph = load_graph(small_model())
     return {
-        "keras": (graph, _Memo()),
-        "onnx": (OnnxGraph.from_onnx(graph.to_onnx().model), _Memo()),
+        "keras": (graph, MemoryCache()),
+        "onnx": (OnnxGraph.from_onnx(graph.to_onnx().model), MemoryCache()),
     }
 
 

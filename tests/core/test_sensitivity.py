@@ -27,8 +27,8 @@ from tinyptq._tf import keras
 from tinyptq.config import LayerOverride, QuantConfig
 from tinyptq.graph.keras_graph import KerasGraph
 from tinyptq.graph.onnx_graph import OnnxGraph
-from tinyptq.pipeline import PTQState
-from tinyptq.sensitivity import METHODS, Sensitivity, _Memo, measure
+from tinyptq.pipeline import MemoryCache, PTQState
+from tinyptq.sensitivity import METHODS, Sensitivity, measure
 
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (4, 6, 8)
@@ -41,7 +41,7 @@ PER_TENSOR = QuantConfig(weight_bits=8, act_bits=8, weight_per_channel=False)
 WEIGHTS_ONLY = PER_TENSOR.replace(
     overrides=tuple(LayerOverride(pattern=p, quantize=False) for p in ("img", "*_act", "gap"))
 )
-SHARED = _Memo()  # sensitivity tables shared by the tests of this file and test_mixed_precision
+SHARED = MemoryCache()  # sensitivity tables shared by the tests of this file and test_mixed_precision
 
 
 def fragile_model(seed: int = 1):
@@ -173,7 +173,7 @@ def test_same_state_same_numbers_and_the_cache_computes_once(monkeypatch):
     def run(state):
         return measure(state, (2, 8), (8,), "myqasr", SAMPLES, progress=False)
 
-    memo = _Memo()
+    memo = MemoryCache()
     state = fragile_state(cache=memo)
     first = run(state)
     assert run(state) is first and len(calls) == 1
@@ -202,7 +202,7 @@ def test_same_state_same_numbers_and_the_cache_computes_once(monkeypatch):
 
 def test_configured_bits_do_not_change_the_table_and_float_tensors_are_left_out():
     """Every layer gets every candidate whatever the configured bits; quantize: false leaves a tensor out."""
-    memo = _Memo()
+    memo = MemoryCache()
 
     def run(config):
         return measure(fragile_state(config, cache=memo), (2, 8), (8,), "myqasr", SAMPLES, progress=False)
@@ -224,7 +224,7 @@ def test_configured_bits_do_not_change_the_table_and_float_tensors_are_left_out(
 def test_the_onnx_twin_has_the_same_sensitivities():
     keras_table = table("sqnr")
     onnx = OnnxGraph.from_onnx(fragile_graph().to_onnx().model)
-    onnx_table = measure(fragile_state(graph=onnx, cache=_Memo()), WEIGHT_BITS, ACT_BITS, "sqnr", SAMPLES, False)
+    onnx_table = measure(fragile_state(graph=onnx, cache=MemoryCache()), WEIGHT_BITS, ACT_BITS, "sqnr", SAMPLES, False)
     assert set(onnx_table.weight) == set(keras_table.weight)
     for layer, errors in keras_table.weight.items():
         for bits, err in errors.items():
