@@ -136,11 +136,7 @@ class MixedPrecision(Stage):
             size = cost.points[p.name].size
             act_options[p.name] = options
             act_bytes[p.name] = {b: float(-(-size * b // 8)) for b in options}
-        own = sum(
-            graph.kernel(q.name).size + (0 if graph.bias(q.name) is None else graph.bias(q.name).size)
-            for q in graph.quant_layers()
-        )
-        other = 4 * max(graph.param_count() - own, 0)  # other parameters stay float32
+        other = 4 * cost.other_params  # parameters outside the quantizable layers stay float32
         return Problem(
             weight_options=weight_options,
             act_options=act_options,

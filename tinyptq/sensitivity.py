@@ -230,8 +230,10 @@ def _myqasr(state: PTQState, x: np.ndarray, weights: dict, acts: dict, progress:
     out = Sensitivity("myqasr")
     for name, cands in weights.items():
         kernel = graph.kernel(name)
-        fan_in = kernel.size / max(layers[name].channel_axis is not None and kernel.shape[layers[name].channel_axis] or 1, 1)
-        gain = power[inputs[name]] * fan_in / kernel.size / power[outputs[name]]
+        axis = layers[name].channel_axis
+        channels = kernel.shape[axis] if axis is not None else 1
+        # an output value sums its weights times inputs: E[dy^2] = ||dW||^2 E[x^2] / channels
+        gain = power[inputs[name]] / (channels * power[outputs[name]])
         out.weight[name] = {
             b: gain * float(np.sum((e.fake_quant(kernel) - kernel) ** 2, dtype=np.float64)) for b, e in cands.items()
         }
