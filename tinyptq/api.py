@@ -111,7 +111,29 @@ def _fp32_baseline(uc, graph, model: str | Path | None, where: Mapping[str, str]
         raise ModelError(f"model {model or uc.model_path()} does not fit use case '{uc.name}': {exc}") from None
 
 
-def quantize(
+@dataclass
+class Prepared:
+    """What a pipeline run starts from: the pipeline, the use case, its model, calibration and evaluation data."""
+
+    spec: PipelineSpec
+    config: Any  # QuantConfig
+    stages: Pipeline
+    uc: Any  # UseCase
+    graph: Any  # ModelGraph
+    model: str | Path | None
+    calib: np.ndarray
+    calib_seed: int
+    calib_where: dict[str, str] | None
+    data: Any  # EvalSet
+    fp32_scores: np.ndarray
+    fp32: MetricResult
+
+    def state(self, **changes: Any) -> PTQState:
+        """The pipeline's starting state."""
+        return PTQState(graph=self.graph, config=self.config, calib=self.calib, seed=self.calib_seed, **changes)
+
+
+def prepare(
     use_case: str,
     pipeline: str | Path | PipelineSpec | dict = "minmax",
     data_dir: str | Path | None = None,
@@ -120,21 +142,14 @@ def quantize(
     act_bits: int | None = None,
     calib_samples: int | None = None,
     seed: int | None = None,
-    on_stage=None,
     calib_data: str | Path | np.ndarray | None = None,
     target: str | None = None,
     calib_filter: Mapping[str, str] | str | None = None,
     eval_filter: Mapping[str, str] | str | None = None,
-) -> QuantizeResult:
-    """Run a PTQ pipeline on a use case; return the state, sim and summary.
-
-    ``target`` (qdq, tflite, onnxruntime) overrides the pipeline's: the arithmetic the quantized metric is computed with.
-    ``calib_filter`` / ``eval_filter`` (a mapping or ``key=value,...`` text, e.g. ``speaker=jackson``)
-    restrict the use case's calibration / evaluation samples (see ``UseCase.filter_keys``).
-    """
+) -> Prepared:
+    """Everything checked and loaded before a pipeline runs (arguments as for :func:`quantize`)."""
     from tinyptq.models.usecases import get_use_case
 
-    start = time.perf_counter()
     spec = load_pipeline(pipeline)
     config = spec.quant_config(weight_bits, act_bits)
     if target is not None:
@@ -166,10 +181,40 @@ def quantize(
         calib = uc.calibration_data(n, calib_seed)
     graph.check_input(calib, f"{uc.name} calibration data")
     data, fp32_scores, fp32 = _fp32_baseline(uc, graph, model, eval_where)
+    return Prepared(spec, config, stages, uc, graph, model, calib, calib_seed, calib_where, data, fp32_scores, fp32)
+
+
+def quantize(
+    use_case: str,
+    pipeline: str | Path | PipelineSpec | dict = "minmax",
+    data_dir: str | Path | None = None,
+    model: str | Path | None = None,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    calib_samples: int | None = None,
+    seed: int | None = None,
+    on_stage=None,
+    calib_data: str | Path | np.ndarray | None = None,
+    target: str | None = None,
+    calib_filter: Mapping[str, str] | str | None = None,
+    eval_filter: Mapping[str, str] | str | None = None,
+) -> QuantizeResult:
+    """Run a PTQ pipeline on a use case; return the state, sim and summary.
+
+    ``target`` (qdq, tflite, onnxruntime) overrides the pipeline's: the arithmetic the quantized metric is computed with.
+    ``calib_filter`` / ``eval_filter`` (a mapping or ``key=value,...`` text, e.g. ``speaker=jackson``)
+    restrict the use case's calibration / evaluation samples (see ``UseCase.filter_keys``).
+    """
+    start = time.perf_counter()
+    run = prepare(
+        use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, calib_data, target,
+        calib_filter, eval_filter,
+    )
+    spec, config, stages, uc, graph, calib = run.spec, run.config, run.stages, run.uc, run.graph, run.calib
+    calib_seed, calib_where, data, fp32_scores, fp32 = run.calib_seed, run.calib_where, run.data, run.fp32_scores, run.fp32
     fp32_bytes = graph.param_count() * 4
 
-    state = PTQState(graph=graph, config=config, calib=calib, seed=calib_seed)
-    state = stages.run(state, on_stage=on_stage)
+    state = stages.run(run.state(), on_stage=on_stage)
     sim = QuantSim(state)
     predict = sim.predict if config.target == "qdq" else target_predictor(state)
     quant = uc.metric(data, predict(data.x), fp32_scores)
@@ -236,3 +281,29 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def analyze(
+    use_case: str,
+    pipeline: str | Path | PipelineSpec | dict = "minmax",
+    data_dir: str | Path | None = None,
+    model: str | Path | None = None,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    calib_samples: int | None = None,
+    seed: int | None = None,
+    calib_data: str | Path | np.ndarray | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Which layer hurts the quantized model, and the fix (see :mod:`tinyptq.analysis`).
+
+    ``options``: ``calib_filter``, ``eval_filter``, ``share`` (0.8), ``fix_bits``
+    ("8" or "next"), ``select_by`` ("noise" or "metric"), ``apply`` (False),
+    ``samples`` (256), ``progress`` (True), ``out`` (a directory to write
+    analysis.json / .md / .html into). Returns the analysis as plain data.
+    """
+    from tinyptq.analysis.run import analyze as run_analysis
+
+    return run_analysis(
+        use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, calib_data, **options
+    )

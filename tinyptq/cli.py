@@ -304,7 +304,7 @@ def train(use_case: str, data_dir: Path | None, seed: int, epochs: int, force: b
     click.echo(f"kws: trained model at {path}")
 
 
-from tinyptq import cli_ablate, cli_pareto  # noqa: E402,F401  (register ablate, report and pareto)
+from tinyptq import cli_ablate, cli_analyze, cli_pareto  # noqa: E402,F401  (register ablate, report, analyze, pareto)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -331,10 +331,16 @@ class Pipeline:
         """The pipeline a spec describes."""
         return cls(spec.build())
 
-    def run(self, state: PTQState, on_stage: Callable[[Stage, int, int], None] | None = None) -> PTQState:
+    def run(
+        self,
+        state: PTQState,
+        on_stage: Callable[[Stage, int, int], None] | None = None,
+        on_state: Callable[[Stage, PTQState], None] | None = None,
+    ) -> PTQState:
         """Apply every stage in order, timing each into the state's log.
 
-        ``on_stage(stage, index, total)`` is called before each stage (progress).
+        ``on_stage(stage, index, total)`` is called before each stage (progress);
+        ``on_state(stage, state)`` after it, with the state it returned.
         """
         for index, stage in enumerate(self.stages):
             if on_stage is not None:
@@ -346,4 +352,6 @@ class Pipeline:
             if len(state.log) == n_before:
                 stage.record(state)
             state.log[-1].seconds = seconds
+            if on_state is not None:
+                on_state(stage, state)
         return state

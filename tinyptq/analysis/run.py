@@ -1,0 +1,180 @@
+"""``analyze``: run a pipeline, keep its state after every stage, and explain the quantized model's loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from tinyptq import __version__
+from tinyptq.analysis import FIX_BITS, SAMPLES, SELECT_BY, SHARE
+from tinyptq.analysis.fix import FixSearch, fix_cost, override_yaml
+from tinyptq.analysis.layers import loss_split, unit_table
+from tinyptq.analysis.probe import Probe
+from tinyptq.analysis.stages import stage_table
+from tinyptq.analysis.tensors import activation_stats, histograms, kernel_stats
+from tinyptq.cost import CostModel
+from tinyptq.errors import ConfigError
+from tinyptq.params import validate
+from tinyptq.pipeline import PTQState, Stage
+from tinyptq.sim import QuantSim, target_predictor
+
+
+def analyze(
+    use_case: str,
+    pipeline: Any = "minmax",
+    data_dir: str | Path | None = None,
+    model: str | Path | None = None,
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    calib_samples: int | None = None,
+    seed: int | None = None,
+    calib_data: Any = None,
+    calib_filter: Mapping[str, str] | str | None = None,
+    eval_filter: Mapping[str, str] | str | None = None,
+    share: float = 0.8,
+    fix_bits: str = "8",
+    select_by: str = "noise",
+    apply: bool = False,
+    samples: int = 256,
+    progress: bool = True,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """The analysis of a pipeline's quantized model (see tinyptq.analysis); written into ``out`` when given.
+
+    ``share``: the part of the loss the suggested fix must recover; ``fix_bits``:
+    "8" or "next" (the next candidate bit-width); ``select_by``: "noise"
+    (label-free, calibration samples) or "metric" (evaluation set);
+    ``apply``: rerun the pipeline with the fix and report the metric;
+    ``samples``: calibration samples used for the label-free measures.
+    """
+    from tinyptq import api
+
+    share = validate("analyze", "share", share, SHARE)
+    fix_bits = validate("analyze", "fix_bits", str(fix_bits), FIX_BITS)
+    select_by = validate("analyze", "select_by", select_by, SELECT_BY)
+    samples = validate("analyze", "samples", samples, SAMPLES)
+    if out is not None:
+        from tinyptq.paths import check_out_dir
+
+        check_out_dir(out, "--out")
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(key: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[key] = round(now - since, 2)
+        return now
+
+    run = api.prepare(use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, calib_data,
+                      None, calib_filter, eval_filter)
+    snapshots: list[tuple[str, PTQState]] = [("as loaded", run.state())]
+    bar = tqdm(total=len(run.stages.stages), desc="pipeline", unit="stage", disable=not progress, leave=False,
+               file=sys.stderr)
+    state = run.stages.run(
+        run.state(), on_stage=lambda s, i, n: bar.set_postfix_str(s.name),
+        on_state=lambda s, st: (snapshots.append((s.name, st)), bar.update(1)),
+    )
+    bar.close()
+    t = lap("pipeline", start)
+    x = np.asarray(run.calib[:samples], np.float32)
+    # the model as the last stage before quantization left it: what "float" means for each layer
+    float_graph = [st for _, st in snapshots if not st.weight_encodings and not st.act_encodings][-1].graph
+    probe = Probe(state, run.uc, run.data, run.fp32_scores, x, float_graph)
+    comparable = _comparable(run)
+    split = loss_split(probe, run.fp32.value)
+    t = lap("split", t)
+    costs = {r.name: r for r in CostModel(state.graph).for_state(state).layers}
+    unit_rows = unit_table(probe, costs, progress)
+    t = lap("units", t)
+    acts, floats = activation_stats(probe, x[: min(len(x), 128)])
+    kernels = kernel_stats(probe)
+    hists = histograms(probe, acts, kernels, floats)
+    del floats
+    t = lap("tensors", t)
+    stages = stage_table(snapshots, _reference_ranges(run.stages.stages), x[: min(len(x), 128)], progress)
+    t = lap("stages", t)
+    fix = FixSearch(probe, run.fp32.value, comparable, select_by, fix_bits).run(share, progress)
+    extra = fix.pop("_overrides")
+    fix["yaml"] = override_yaml(run.config.overrides, extra) if extra else ""
+    fix["cost"] = fix_cost(state.graph, state.config, extra)
+    t = lap("fix", t)
+    if apply and extra:
+        fix["applied"] = _apply(run, state, extra)
+        t = lap("apply", t)
+    seconds["total"] = round(time.perf_counter() - start, 2)
+    analysis = {
+        "tinyptq_version": __version__,
+        "use_case": run.uc.name,
+        "model": str(run.model or run.uc.model_path()),
+        "pipeline": run.spec.name,
+        "bits": {"weights": run.config.weight_bits, "activations": run.config.act_bits},
+        "target": run.config.target,
+        "metric": {"name": run.fp32.name, "unit": run.fp32.unit, "comparable": comparable},
+        "eval_samples": int(len(run.data.x)),
+        "calib_samples": int(len(x)),
+        "seconds": seconds,
+        "split": split,
+        "units": unit_rows,
+        "tensors": {"activations": acts, "kernels": kernels},
+        "histograms": hists,
+        "stages": stages,
+        "fix": fix,
+        "notes": _notes(run, state),
+    }
+    if out is not None:
+        from tinyptq.analysis.render import write_reports
+
+        write_reports(analysis, out)
+    return analysis
+
+
+def _comparable(run: Any) -> bool:
+    """Whether the quantized metric is the FP32 one (a loss = FP32 - quantized means something)."""
+    return run.uc.metric(run.data, run.fp32_scores * 1.0, run.fp32_scores).name == run.fp32.name
+
+
+def _reference_ranges(stages: list[Stage]) -> Stage:
+    """The pipeline's range setting (to quantize the snapshots from before it)."""
+    from tinyptq.components.range_setting import RangeSetting
+
+    found = [s for s in stages if s.name == "range_setting"]
+    if not found:
+        raise ConfigError("the pipeline has no range_setting stage: nothing would be quantized")
+    return RangeSetting(**found[0].get_params())
+
+
+def _apply(run: Any, state: PTQState, extra: list) -> dict[str, Any]:
+    """The pipeline rerun with the fix's overrides: the metric before and after (in the pipeline's target)."""
+    start = time.perf_counter()
+    fixed_run = dataclasses.replace(run, config=run.config.replace(overrides=(*run.config.overrides, *extra)))
+    fixed = fixed_run.stages.run(fixed_run.state())
+
+    def metric(s: PTQState) -> float:
+        predict = QuantSim(s).predict if s.config.target == "qdq" else target_predictor(s)
+        return round(float(run.uc.metric(run.data, predict(run.data.x), run.fp32_scores).value), 4)
+
+    return {"metric_before": metric(state), "metric_after": metric(fixed),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _notes(run: Any, state: PTQState) -> list[str]:
+    notes = []
+    if run.config.target != "qdq":
+        notes.append(f"the pipeline's target is {run.config.target}: this analysis runs the QDQ simulation; "
+                     "the applied metric uses the target's arithmetic")
+    if any(s.name == "mixed_precision" for s in run.stages.stages):
+        notes.append("the pipeline chooses bit-widths with mixed_precision, whose overrides come after the "
+                     "pipeline's own: a pasted override block is overruled where the allocation sets bits")
+    if not _comparable(run):
+        notes.append(f"the quantized metric differs from the FP32 one ({run.fp32.name}): losses are output noise")
+    if state.fixed_weights:
+        notes.append("raised layers lose the rounding stage's choices in the simulation (nearest at the new bits); "
+                     "the applied run rounds them again")
+    return notes
