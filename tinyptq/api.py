@@ -299,7 +299,7 @@ def analyze(
 
     ``options``: ``calib_filter``, ``eval_filter``, ``share`` (0.8), ``fix_bits``
     ("8" or "next"), ``select_by`` ("noise" or "metric"), ``apply`` (False),
-    ``samples`` (256), ``progress`` (True), ``out`` (a directory to write
+    ``samples`` (128), ``progress`` (True), ``out`` (a directory to write
     analysis.json / .md / .html into). Returns the analysis as plain data.
     """
     from tinyptq.analysis.run import analyze as run_analysis

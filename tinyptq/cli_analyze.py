@@ -39,7 +39,7 @@ from tinyptq.quant import BITS
 @click.option("--select-by", type=click.Choice(["noise", "metric"]), default="noise", show_default=True,
               help="Choose the fix by output noise on calibration samples (label-free) or by the metric on the "
               "evaluation set.")
-@checked_option("--samples", constraint=SAMPLES, default=256, show_default=True,
+@checked_option("--samples", constraint=SAMPLES, default=128, show_default=True,
                 help="Calibration samples for the label-free measures.")
 @click.option("--apply", "apply_fix", is_flag=True, help="Rerun the pipeline with the suggested overrides.")
 @_model_option

@@ -35,15 +35,42 @@ class QuantSim:
         self.state = state
         self.outputs = list(outputs or state.graph.output_names)
         self.executor = Executor(state.graph)
+        self.load(state)
+
+    def load(self, state: PTQState) -> None:
+        """Take another state's kernels, biases, rounding and encodings, in place (no rebuild).
+
+        The state's graph must have this simulation's structure (the same
+        nodes, e.g. a later snapshot of the same pipeline); a tensor without an
+        encoding runs in float.
+        """
+        if state.graph.node_names() != self.executor.order:
+            raise ConfigError("the state's graph has other nodes than this simulation's: build a new QuantSim")
+        unknown = sorted(set(state.weight_encodings) - set(self.executor.specs))
+        unknown += sorted(set(state.act_encodings) - set(self.executor.act_quantizers))
+        if unknown:
+            raise ConfigError(f"the state has an encoding for '{unknown[0]}', which the graph does not quantize")
+        self.state = state
         fixed = state.integer_kernels() if state.fixed_weights else {}
-        for layer, enc in state.weight_encodings.items():
-            if layer in state.fixed_weights:  # the stored rounding, on its grid (quantizing it again is exact)
+        for layer, spec in self.executor.specs.items():
+            enc = state.weight_encodings.get(layer)
+            if layer in fixed:  # the stored rounding, on its grid (quantizing it again is exact)
                 self.executor.set_kernel(layer, enc.dequantize(fixed[layer]))
-            self.set_encoding(layer, enc, WEIGHT)
-            self.enable(layer, WEIGHT)
-        for point, enc in state.act_encodings.items():
-            self.set_encoding(point, enc, ACTIVATION)
-            self.enable(point, ACTIVATION)
+            else:
+                self.executor.set_kernel(layer, state.graph.kernel(layer))
+            bias = state.graph.bias(layer)
+            if bias is not None:
+                self.executor.set_bias(layer, bias)
+            elif layer in self.executor.biases:  # an earlier state's bias (e.g. a correction) is void
+                self.executor.set_bias(layer, np.zeros(spec.out_channels, np.float32))
+            self._load_quantizer(layer, enc, WEIGHT)
+        for point in self.executor.act_quantizers:
+            self._load_quantizer(point, state.act_encodings.get(point), ACTIVATION)
+
+    def _load_quantizer(self, name: str, enc: Encoding | None, kind: str) -> None:
+        if enc is not None:
+            self.set_encoding(name, enc, kind)
+        self.quantizer(name, kind).enable(enc is not None)
 
     # -------------------------------------------------------------- running
     def predict(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -4,7 +4,8 @@ Each unit (a layer with its output, or a loose activation point) is raised
 alone to the fix bit-width (8, or the next candidate above its bits) and the
 loss is measured (the ranking); then units are added greedily, each time the
 one that lowers the loss most given those already kept (gains interact: a
-layer after a destroyed one cannot help until that one is fixed), until the
+layer after a destroyed one cannot help until that one is fixed; each step
+measures again the six best by their last measurement), until the
 loss has shrunk by the requested share or no unit lowers it; finally any
 unit whose removal keeps the share is dropped again. The loss is, by default, label-free: the output's noise-to-signal
 ratio against FP32 on calibration samples (``select_by="noise"``); with
@@ -31,6 +32,7 @@ from tinyptq.pipeline import MemoryCache
 from tinyptq.quant import Encoding
 from tinyptq.sensitivity import candidate_encodings
 
+RETRY = 6  # units measured again at each greedy step (the best by their last measurement)
 LADDER = (2, 3, 4, 6, 8)  # the candidate bit-widths "next" climbs (those mixed precision offers)
 
 
@@ -64,8 +66,8 @@ class FixSearch:
             return {}
         w_bits = sorted({b for (k, _), b in wanted.items() if k == WEIGHT}) or [8]
         a_bits = sorted({b for (k, _), b in wanted.items() if k == ACTIVATION}) or [8]
-        probe_state = state.evolve(calib=self.probe.calib, log=[])
-        weights, acts = candidate_encodings(probe_state, w_bits, a_bits, MemoryCache())
+        # the pipeline's calibration data (and its statistics, when the state carries a cache)
+        weights, acts = candidate_encodings(state.evolve(log=[]), w_bits, a_bits, state.cache or MemoryCache())
         table = {WEIGHT: weights, ACTIVATION: acts}
         return {(k, n): table[k][n][b] for (k, n), b in wanted.items() if b in table[k].get(n, {})}
 
@@ -104,9 +106,10 @@ class FixSearch:
         loss, trial = base, alone
         bar = tqdm(desc="fix: adding", disable=not progress, leave=False)
         while (base - loss) / base < share:
-            rest = [u for u in ranked if u not in chosen]
-            if len(chosen) > 0:  # the other units again, given those kept already: gains interact
-                trial = {u.name: self.loss([*chosen, u]) for u in rest}
+            rest = sorted((u for u in ranked if u not in chosen), key=lambda u: (trial[u.name], u.name))
+            if chosen:  # the most promising units again, given those kept already: gains interact
+                trial = {**trial, **{u.name: self.loss([*chosen, u]) for u in rest[:RETRY]}}
+                rest = rest[:RETRY]
             best = min(rest, key=lambda u: (trial[u.name], u.name), default=None)
             if best is None or trial[best.name] >= loss:
                 break  # no unit lowers the loss further

@@ -118,6 +118,12 @@ class Probe:
                     self._biases[unit.layer] = (quantized, fp)
 
     # ------------------------------------------------------------ settings
+    def reset(self) -> None:
+        """The state's simulation again (after the sim was loaded with another state)."""
+        self.sim.load(self.state)
+        self._raised = {}
+        self.all_but(())
+
     def all_tensors(self) -> list[tuple[str, str]]:
         """(kind, name) of every quantizer."""
         return [t for u in self.units for t in u.tensors]

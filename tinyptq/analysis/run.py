@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from tinyptq.analysis.tensors import activation_stats, histograms, kernel_stats
 from tinyptq.cost import CostModel
 from tinyptq.errors import ConfigError
 from tinyptq.params import validate
-from tinyptq.pipeline import PTQState, Stage
+from tinyptq.pipeline import MemoryCache, Pipeline, PTQState, Stage
 from tinyptq.sim import QuantSim, target_predictor
 
 
@@ -42,7 +41,7 @@ def analyze(
     fix_bits: str = "8",
     select_by: str = "noise",
     apply: bool = False,
-    samples: int = 256,
+    samples: int = 128,
     progress: bool = True,
     out: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -74,11 +73,12 @@ def analyze(
 
     run = api.prepare(use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, calib_data,
                       None, calib_filter, eval_filter)
-    snapshots: list[tuple[str, PTQState]] = [("as loaded", run.state())]
+    # stages, reference ranges and the applied rerun share statistics (e.g. activation histograms per graph)
+    snapshots: list[tuple[str, PTQState]] = [("as loaded", run.state(cache=MemoryCache()))]
     bar = tqdm(total=len(run.stages.stages), desc="pipeline", unit="stage", disable=not progress, leave=False,
                file=sys.stderr)
     state = run.stages.run(
-        run.state(), on_stage=lambda s, i, n: bar.set_postfix_str(s.name),
+        snapshots[0][1], on_stage=lambda s, i, n: bar.set_postfix_str(s.name),
         on_state=lambda s, st: (snapshots.append((s.name, st)), bar.update(1)),
     )
     bar.close()
@@ -98,7 +98,8 @@ def analyze(
     hists = histograms(probe, acts, kernels, floats)
     del floats
     t = lap("tensors", t)
-    stages = stage_table(snapshots, _reference_ranges(run.stages.stages), x[: min(len(x), 128)], progress)
+    stages = stage_table(snapshots, _reference_ranges(run.stages.stages), x[: min(len(x), 128)], progress, probe.sim)
+    probe.reset()
     t = lap("stages", t)
     fix = FixSearch(probe, run.fp32.value, comparable, select_by, fix_bits).run(share, progress)
     extra = fix.pop("_overrides")
@@ -106,7 +107,8 @@ def analyze(
     fix["cost"] = fix_cost(state.graph, state.config, extra)
     t = lap("fix", t)
     if apply and extra:
-        fix["applied"] = _apply(run, state, extra)
+        before = split[-1]["metric"] if run.config.target == "qdq" else None
+        fix["applied"] = _apply(run, snapshots, extra, before, probe.sim)
         t = lap("apply", t)
     seconds["total"] = round(time.perf_counter() - start, 2)
     analysis = {
@@ -120,6 +122,7 @@ def analyze(
         "eval_samples": int(len(run.data.x)),
         "calib_samples": int(len(x)),
         "seconds": seconds,
+        "stage_seconds": state.stage_seconds(),  # the pipeline's own stages
         "split": split,
         "units": unit_rows,
         "tensors": {"activations": acts, "kernels": kernels},
@@ -150,17 +153,33 @@ def _reference_ranges(stages: list[Stage]) -> Stage:
     return RangeSetting(**found[0].get_params())
 
 
-def _apply(run: Any, state: PTQState, extra: list) -> dict[str, Any]:
-    """The pipeline rerun with the fix's overrides: the metric before and after (in the pipeline's target)."""
+def _apply(
+    run: Any, snapshots: list[tuple[str, PTQState]], extra: list, before: float | None = None, sim: Any = None
+) -> dict[str, Any]:
+    """The pipeline rerun with the fix's overrides: the metric before and after (in the pipeline's target).
+
+    The stages whose result does not depend on the quantization config (BN
+    folding, CLE) are not run again: the rerun starts from their snapshot.
+    ``sim`` (the analysis's, left holding the rerun's state) spares a rebuild.
+    """
     start = time.perf_counter()
-    fixed_run = dataclasses.replace(run, config=run.config.replace(overrides=(*run.config.overrides, *extra)))
-    fixed = fixed_run.stages.run(fixed_run.state())
+    stages = run.stages.stages
+    first = next((i for i, s in enumerate(stages) if s.uses_quant_config), len(stages))
+    config = run.config.replace(overrides=(*run.config.overrides, *extra))
+    fixed = Pipeline(stages[first:]).run(snapshots[first][1].evolve(config=config))
 
     def metric(s: PTQState) -> float:
-        predict = QuantSim(s).predict if s.config.target == "qdq" else target_predictor(s)
+        if s.config.target != "qdq":
+            predict = target_predictor(s)
+        elif sim is not None and tuple(s.graph.node_names()) == tuple(sim.executor.order):
+            sim.load(s)  # the analysis's simulation, reloaded: no rebuild
+            predict = sim.predict
+        else:
+            predict = QuantSim(s).predict
         return round(float(run.uc.metric(run.data, predict(run.data.x), run.fp32_scores).value), 4)
 
-    return {"metric_before": metric(state), "metric_after": metric(fixed),
+    before = metric(snapshots[-1][1]) if before is None else before
+    return {"metric_before": before, "metric_after": metric(fixed),
             "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -23,23 +23,35 @@ from tinyptq.sim import QuantSim
 
 
 def stage_table(
-    snapshots: list[tuple[str, PTQState]], reference: Stage, x: np.ndarray, progress: bool = True
+    snapshots: list[tuple[str, PTQState]],
+    reference: Stage,
+    x: np.ndarray,
+    progress: bool = True,
+    sim: QuantSim | None = None,
 ) -> dict[str, Any]:
     """Columns (snapshot names), how each was quantized, and per layer the SQNR and the changed flags.
 
     ``reference`` quantizes the snapshots that have no encodings yet (with
     their own calibration data, as the pipeline would); ``x``: the samples
-    the errors are measured on.
+    the errors are measured on; ``sim``: a simulation to load the snapshots of
+    its graph's structure into (it is left holding the last one).
     """
     layers = [q.name for q in snapshots[-1][1].graph.quant_layers()]
     columns, quantized_by, sqnr = [], [], []
+    # one simulation per graph structure, loaded with each snapshot in turn
+    sims: dict[tuple[str, ...], QuantSim] = {} if sim is None else {tuple(sim.executor.order): sim}
     for name, state in tqdm(snapshots, desc="through the pipeline", disable=not progress, leave=False):
         probe = state
         if not state.weight_encodings and not state.act_encodings:
             probe = reference.apply(state.evolve(log=[]))
         columns.append(name)
         quantized_by.append("pipeline" if probe is state else "reference ranges")
-        sqnr.append(_layer_sqnr(probe, layers, x))
+        key = tuple(probe.graph.node_names())
+        if key in sims:
+            sims[key].load(probe)
+        else:
+            sims[key] = QuantSim(probe)
+        sqnr.append(_layer_sqnr(sims[key], layers, x))
     rows = []
     for layer in layers:
         changed = [False] + [
@@ -54,12 +66,13 @@ def _output(state: PTQState, layer: str) -> str:
     return q.output_point or layer
 
 
-def _layer_sqnr(state: PTQState, layers: list[str], x: np.ndarray) -> dict[str, float | None]:
+def _layer_sqnr(sim: QuantSim, layers: list[str], x: np.ndarray) -> dict[str, float | None]:
+    state = sim.state
     names = {q.name for q in state.graph.quant_layers()}
     present = [layer for layer in layers if layer in names]
     points = sorted({_output(state, layer) for layer in present})
     floats = state.graph.run(x, points)
-    quantized = QuantSim(state).run(x, outputs=points, raw=points)
+    quantized = sim.run(x, outputs=points, raw=points)
     return {layer: db(nsr(floats[_output(state, layer)], quantized[_output(state, layer)])) for layer in present}
 
 
