@@ -100,7 +100,9 @@ def headline(a: dict) -> str:
     extra = cost["weight_bytes"][1] - cost["weight_bytes"][0]
     text = (
         f"fix: keep {', '.join(fix['selected'])} at {'8 bits' if fix['fix_bits'] == '8' else 'the next bit-width'} "
-        f"({fix['recovered'] * 100:.0f} % of the {fix['select_by']} loss recovered, +{extra:,} weight bytes); "
+        f"({fix['recovered'] * 100:.0f} % of the {fix['select_by']} loss recovered"
+        f"{'' if fix.get('reached', True) else ', short of the ' + format(fix['share'], '.0%') + ' asked'}, "
+        f"+{extra:,} weight bytes); "
         f"predicted {fix['predicted_metric']:.2f}{unit}"
     )
     if fix["applied"]:

@@ -11,16 +11,19 @@ twin are computed per module and shared.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from tests.cli.test_cli import assert_one_line_error, run_cli
 from tests.core.test_sensitivity import FRAGILE, fragile_model
 from tinyptq import api
 from tinyptq.analysis.probe import Probe, units
 from tinyptq.config import QuantConfig
+from tinyptq.errors import ConfigError
 from tinyptq.executor import ACTIVATION, WEIGHT
 from tinyptq.graph.keras_graph import KerasGraph
 from tinyptq.graph.loading import load_graph
@@ -201,3 +204,61 @@ def test_onnx_model_gives_the_same_finding(onnx_analysis, analysis):
     assert a["fix"]["selected"][0] == FRAGILE
     keras_units = [u["name"] for u in analysis[0]["units"] if u["kind"] != "point"]
     assert [u["name"] for u in a["units"] if u["kind"] != "point"] == keras_units
+
+
+def test_next_bit_width_and_metric_selection():
+    """--fix-bits next raises c2 to the next candidate (6 bits); choosing by the metric finds it too."""
+    a = api.analyze(NAME, PIPELINE, fix_bits="next", select_by="metric", share=0.5, progress=False)
+    fix = a["fix"]
+    assert fix["select_by"] == "metric" and fix["selected"][0] == FRAGILE
+    assert fix["overrides"][0] == {"pattern": FRAGILE, "weight_bits": 6}
+    loss = 100.0 - fix["baseline"]["metric"]
+    assert fix["steps"][0]["loss"] < loss and fix["recovered"] > 0.3
+    # at 6 bits c2 still loses signal and no other unit helps: the fix says it falls short
+    assert fix["reached"] == (fix["recovered"] >= 0.5)
+    assert fix["reached"] or any("short of the 50%" in n for n in a["notes"])
+
+
+# ------------------------------------------------------------- the command
+def test_cli_writes_the_report_and_says_when_nothing_needs_fixing(capsys, tmp_path, pipeline_file):
+    out = tmp_path / "report"
+    code, stdout, err = run_cli(capsys, "analyze", "--use-case", NAME, "--pipeline", pipeline_file,
+                                "--weight-bits", "8", "--out", out)
+    assert code == 0, err
+    assert "fix: none (every tensor is at 8 bits or more already)" in stdout
+    for name in ("analysis.json", "analysis.md", "analysis.html"):
+        assert (out / name).is_file()
+    assert json.loads((out / "analysis.json").read_text())["fix"]["selected"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--share", "1.5"], "--share"),
+        (["--share", "0"], "--share"),
+        (["--fix-bits", "9"], "--fix-bits"),
+        (["--select-by", "labels"], "--select-by"),
+        (["--samples", "0"], "--samples"),
+        (["--weight-bits", "1"], "--weight-bits"),
+        (["--pipeline", "no_such_pipeline"], "no_such_pipeline"),
+    ],
+)
+def test_cli_bad_options_are_one_line_errors(capsys, tmp_path, pipeline_file, args, needle):
+    base = ["analyze", "--use-case", NAME, "--pipeline", pipeline_file, "--out", tmp_path / "x"]
+    code, _, err = run_cli(capsys, *base, *args)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "x" / "analysis.json").exists()
+
+
+def test_api_bad_options_name_the_option():
+    for options, needle in (({"share": 2.0}, "share"), ({"fix_bits": "16"}, "fix_bits"),
+                            ({"select_by": "x"}, "select_by")):
+        with pytest.raises(ConfigError, match=needle):
+            api.analyze(NAME, PIPELINE, progress=False, **options)
+
+
+@pytest.fixture
+def pipeline_file(tmp_path):
+    path = tmp_path / "fragile.yaml"
+    path.write_text(yaml.safe_dump(PIPELINE, sort_keys=False))
+    return path

@@ -125,6 +125,7 @@ class FixSearch:
                 chosen = rest
         final = self.loss(chosen)
         result["recovered"] = (base - final) / base
+        result["reached"] = result["recovered"] >= share
         result["selected"] = [u.name for u in chosen]
         result["predicted_metric"] = self.probe.score()["metric"]
         return _finish(result, self.probe, chosen, self)

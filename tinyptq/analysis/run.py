@@ -129,7 +129,7 @@ def analyze(
         "histograms": hists,
         "stages": stages,
         "fix": fix,
-        "notes": _notes(run, state),
+        "notes": _notes(run, state) + _fix_notes(fix),
     }
     if out is not None:
         from tinyptq.analysis.render import write_reports
@@ -181,6 +181,13 @@ def _apply(
     before = metric(snapshots[-1][1]) if before is None else before
     return {"metric_before": before, "metric_after": metric(fixed),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _fix_notes(fix: dict[str, Any]) -> list[str]:
+    if fix["selected"] and not fix.get("reached", True):
+        return [f"the fix recovers {fix['recovered']:.0%} of the {fix['select_by']} loss, short of the "
+                f"{fix['share']:.0%} asked: no further unit lowered the loss"]
+    return []
 
 
 def _notes(run: Any, state: PTQState) -> list[str]:
