@@ -283,27 +283,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def analyze(
-    use_case: str,
-    pipeline: str | Path | PipelineSpec | dict = "minmax",
-    data_dir: str | Path | None = None,
-    model: str | Path | None = None,
-    weight_bits: int | None = None,
-    act_bits: int | None = None,
-    calib_samples: int | None = None,
-    seed: int | None = None,
-    calib_data: str | Path | np.ndarray | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Which layer hurts the quantized model, and the fix (see :mod:`tinyptq.analysis`).
 
-    ``options``: ``calib_filter``, ``eval_filter``, ``share`` (0.8), ``fix_bits``
-    ("8" or "next"), ``select_by`` ("noise" or "metric"), ``apply`` (False),
-    ``samples`` (128), ``progress`` (True), ``out`` (a directory to write
-    analysis.json / .md / .html into). Returns the analysis as plain data.
-    """
-    from tinyptq.analysis.run import analyze as run_analysis
-
-    return run_analysis(
-        use_case, pipeline, data_dir, model, weight_bits, act_bits, calib_samples, seed, calib_data, **options
-    )
+# ``analyze(use_case, pipeline, ...)``: which layer hurts the quantized model, and the fix (tinyptq.analysis)
+from tinyptq.analysis.run import analyze  # noqa: E402,F401
