@@ -85,13 +85,15 @@ def analyze(
 def headline(a: dict) -> str:
     """Three lines: the loss and its split, the worst unit, the fix."""
     split = {row["setting"]: row for row in a["split"]}
-    unit = a["metric"]["unit"]
-    lines = [
-        f"{a['use_case']} W{a['bits']['weights']}A{a['bits']['activations']} [{a['pipeline']}]: "
-        f"{a['metric']['name']} FP32 {split['fp32']['metric']:.2f} -> {split['both']['metric']:.2f}{unit} "
-        f"(weights only {split['weights only']['metric']:.2f}, activations only "
-        f"{split['activations only']['metric']:.2f})"
-    ]
+    m = a["metric"]
+    unit = m["unit"] if m["unit"] in ("%", "") else f" {m['unit']}"
+    head = f"{a['use_case']} W{a['bits']['weights']}A{a['bits']['activations']} [{a['pipeline']}]: "
+    parts = f"(weights only {split['weights only']['metric']:.2f}, activations only {split['activations only']['metric']:.2f})"
+    if m["comparable"]:
+        lines = [f"{head}{m['name']} FP32 {split['fp32']['metric']:.2f} -> {split['both']['metric']:.2f}{unit} {parts}"]
+    else:
+        lines = [f"{head}{m['fp32_name']} {m['fp32']:.4g} {m['fp32_unit']}; {m['name']} {split['both']['metric']:.2f}"
+                 f"{unit} {parts}"]
     fix = a["fix"]
     if not fix["selected"]:
         lines.append(f"fix: none ({fix.get('reason', 'nothing to raise')})")

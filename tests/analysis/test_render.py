@@ -228,5 +228,8 @@ def test_metric_not_comparable_has_no_loss_and_unit_free_numbers():
     a["fix"]["applied"] = None
     md = render.markdown(a)
     assert "| setting | auc | output SQNR (dB) |" in md
-    assert "auc: FP32 88.84, quantized 78.50 (not comparable)." in md
+    assert "Quantized, auc 78.50; FP32: 88.84 (not comparable)." in md
+    # with the FP32 model's own metric named, the headline quotes it
+    a["metric"].update({"fp32_name": "mean squared error", "fp32": 154.46, "fp32_unit": "dB^2"})
+    assert "Quantized, auc 78.50; FP32: mean squared error 154.5 dB^2 (not comparable)." in render.markdown(a)
     assert "predicted auc 86.90; not applied" in md

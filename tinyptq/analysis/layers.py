@@ -12,10 +12,14 @@ from tinyptq.executor import ACTIVATION, WEIGHT
 SPLIT = ("fp32", "weights only", "activations only", "both")
 
 
-def loss_split(probe: Probe, fp32_metric: float) -> list[dict[str, Any]]:
-    """The metric and output SQNR with nothing, only the weights, only the activations, and all quantized."""
+def loss_split(probe: Probe, fp32_metric: float | None) -> list[dict[str, Any]]:
+    """The metric and output SQNR with nothing, only the weights, only the activations, and all quantized.
+
+    ``fp32_metric``: None where the quantized metric has no FP32 value (an SQNR against FP32).
+    """
     tensors = probe.all_tensors()
-    rows = [{"setting": "fp32", "metric": round(float(fp32_metric), 4), "sqnr_db": None}]
+    fp32 = None if fp32_metric is None else round(float(fp32_metric), 4)
+    rows = [{"setting": "fp32", "metric": fp32, "sqnr_db": None}]
     for setting, kind in (("weights only", WEIGHT), ("activations only", ACTIVATION), ("both", None)):
         probe.only(t for t in tensors if kind is None or t[0] == kind)
         rows.append({"setting": setting, **probe.score()})

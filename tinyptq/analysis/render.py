@@ -115,7 +115,10 @@ def _headline(a: dict, f: Fmt) -> str:
     name, fp32, both = a["metric"]["name"], _split_metric(a, "fp32"), _split_metric(a, "both")
     loss = _loss(a, both)
     if loss is None:
-        out = [f"{name}: FP32 {f.metric(fp32)}, quantized {f.metric(both)} (not comparable)."]
+        m = a["metric"]
+        reference = (f"{m['fp32_name']} {m['fp32']:.4g} {m.get('fp32_unit', '')}".rstrip()
+                     if m.get("fp32_name") and m.get("fp32") is not None else f"{f.metric(fp32)}")
+        out = [f"Quantized, {name} {f.metric(both)}; FP32: {reference} (not comparable)."]
     else:
         out = [f"Quantized, {name} goes from {f.metric(fp32)} (FP32) to {f.metric(both)}: a "
                f"{'loss' if loss >= 0 else 'gain'} of {f.metric(abs(loss))} (weights only "

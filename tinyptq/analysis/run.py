@@ -87,8 +87,10 @@ def analyze(
     # the model as the last stage before quantization left it: what "float" means for each layer
     float_graph = [st for _, st in snapshots if not st.weight_encodings and not st.act_encodings][-1].graph
     probe = Probe(state, run.uc, run.data, run.fp32_scores, x, float_graph)
-    comparable = _comparable(run)
-    split = loss_split(probe, run.fp32.value)
+    quantized_metric = _quantized_metric(run)
+    comparable = quantized_metric.name == run.fp32.name
+    # the FP32 row in the quantized metric's terms (e.g. an SQNR against FP32 has no FP32 value)
+    split = loss_split(probe, run.fp32.value if comparable else None)
     t = lap("split", t)
     costs = {r.name: r for r in CostModel(state.graph).for_state(state).layers}
     unit_rows = unit_table(probe, costs, progress)
@@ -118,7 +120,8 @@ def analyze(
         "pipeline": run.spec.name,
         "bits": {"weights": run.config.weight_bits, "activations": run.config.act_bits},
         "target": run.config.target,
-        "metric": {"name": run.fp32.name, "unit": run.fp32.unit, "comparable": comparable},
+        "metric": {"name": quantized_metric.name, "unit": quantized_metric.unit, "comparable": comparable,
+                   "fp32_name": run.fp32.name, "fp32_unit": run.fp32.unit, "fp32": run.fp32.value},
         "eval_samples": int(len(run.data.x)),
         "calib_samples": int(len(x)),
         "seconds": seconds,
@@ -138,9 +141,9 @@ def analyze(
     return analysis
 
 
-def _comparable(run: Any) -> bool:
-    """Whether the quantized metric is the FP32 one (a loss = FP32 - quantized means something)."""
-    return run.uc.metric(run.data, run.fp32_scores * 1.0, run.fp32_scores).name == run.fp32.name
+def _quantized_metric(run: Any) -> Any:
+    """The use case's metric of quantized scores (its name and unit; the value is FP32's own)."""
+    return run.uc.metric(run.data, run.fp32_scores * 1.0, run.fp32_scores)
 
 
 def _reference_ranges(stages: list[Stage]) -> Stage:
@@ -198,8 +201,10 @@ def _notes(run: Any, state: PTQState) -> list[str]:
     if any(s.name == "mixed_precision" for s in run.stages.stages):
         notes.append("the pipeline chooses bit-widths with mixed_precision, whose overrides come after the "
                      "pipeline's own: a pasted override block is overruled where the allocation sets bits")
-    if not _comparable(run):
-        notes.append(f"the quantized metric differs from the FP32 one ({run.fp32.name}): losses are output noise")
+    quantized = _quantized_metric(run)
+    if quantized.name != run.fp32.name:
+        notes.append(f"the quantized models are measured by {quantized.name}, the FP32 model by {run.fp32.name} "
+                     f"({run.fp32.value:.4g} {run.fp32.unit}): there is no loss in one metric, the fix uses output noise")
     if state.fixed_weights:
         notes.append("raised layers lose the rounding stage's choices in the simulation (nearest at the new bits); "
                      "the applied run rounds them again")
