@@ -262,3 +262,26 @@ def pipeline_file(tmp_path):
     path = tmp_path / "fragile.yaml"
     path.write_text(yaml.safe_dump(PIPELINE, sort_keys=False))
     return path
+
+
+def test_float_rewrites_are_measured_with_the_pipelines_own_ranges():
+    """BN folding and CLE snapshots are quantized with the pipeline's range setting: the column after CLE
+    equals the range_setting column, BN folding changes only the layer with the batch norm."""
+    from tests.core import memory_usecase as mem
+
+    pipeline = {
+        "name": "fold_cle",
+        "quant": {"weight_bits": 4, "act_bits": 8, "weight_per_channel": False},
+        "calibration": {"samples": 32, "seed": 0},
+        "stages": ["bn_folding", "cle", {"range_setting": {"weights": "minmax", "activations": "minmax"}}],
+    }
+    stages = api.analyze(mem.NAME, pipeline, progress=False)["stages"]
+    assert stages["columns"] == ["as loaded", "bn_folding", "cle", "range_setting"]
+    assert stages["quantized_by"] == ["reference ranges"] * 3 + ["pipeline"]
+    rows = by_name(stages["layers"], "layer")
+    assert [rows[n]["changed"][1] for n in ("c1", "c2", "fc")] == [True, False, False]
+    assert rows["c1"]["changed"][2] and rows["c2"]["changed"][2]  # the equalized pair
+    for row in rows.values():
+        assert row["sqnr_db"][2] == row["sqnr_db"][3]
+    # equalizing the pair helps its per-tensor 4-bit weights
+    assert rows["c1"]["sqnr_db"][2] > rows["c1"]["sqnr_db"][1]

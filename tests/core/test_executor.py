@@ -197,6 +197,43 @@ def test_fixed_weights_are_what_the_simulation_runs(tiny):
     assert not np.array_equal(QuantSim(fixed).predict(x), QuantSim(state).predict(x))
 
 
+@pytest.mark.parametrize("adapter", ["keras", "onnx"])
+def test_loading_another_state_equals_a_fresh_simulation(tiny, adapter):
+    """``QuantSim.load``: other kernels, biases, fixed rounding, encodings and float tensors, no rebuild."""
+    from tinyptq.errors import ConfigError
+
+    keras_graph, onnx_graph, x = tiny
+    graph = keras_graph if adapter == "keras" else onnx_graph
+    first = quantized_state(graph, x, bits=4)
+    layer, float_layer = (q.name for q in first.graph.quant_layers()[1:3])
+    graph2 = first.graph.copy()
+    graph2.set_bias(layer, np.full(graph2.layer_spec(layer).out_channels, 0.5, np.float32))
+    second = create_stage("range_setting").apply(
+        PTQState(graph2, QuantConfig(weight_bits=3, act_bits=6, weight_per_channel=True), x)
+    )
+    enc = second.weight_encodings[layer]
+    weights = {k: v for k, v in second.weight_encodings.items() if k != float_layer}
+    second = second.evolve(
+        weight_encodings=weights, fixed_weights={layer: np.floor(graph2.kernel(layer) / enc._broadcast(enc.scale, 4))}
+    )
+    sim = QuantSim(first)
+    sim.load(second)
+    np.testing.assert_array_equal(sim.predict(x), QuantSim(second).predict(x))
+    assert not sim.quantizer(float_layer, "weight").enabled
+    sim.load(first)
+    np.testing.assert_array_equal(sim.predict(x), QuantSim(first).predict(x))
+    other = quantized_state(tiny_keras_without_bn(), x)
+    with pytest.raises(ConfigError, match="other nodes"):
+        sim.load(other)
+
+
+def tiny_keras_without_bn() -> KerasGraph:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inp)
+    return KerasGraph.from_keras(keras.Model(inp, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))))
+
+
 # ------------------------------------------------------------- sub-graphs
 @pytest.mark.parametrize("adapter", ["keras", "onnx"])
 def test_block_runs_alone_from_its_input_with_gradients(tiny, adapter):

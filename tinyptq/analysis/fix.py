@@ -5,7 +5,8 @@ alone to the fix bit-width (8, or the next candidate above its bits) and the
 loss is measured (the ranking); then units are added greedily, each time the
 one that lowers the loss most given those already kept (gains interact: a
 layer after a destroyed one cannot help until that one is fixed; each step
-measures again the six best by their last measurement), until the
+measures again the six best by their last measurement, and all of them when
+none of those helps), until the
 loss has shrunk by the requested share or no unit lowers it; finally any
 unit whose removal keeps the share is dropped again. The loss is, by default, label-free: the output's noise-to-signal
 ratio against FP32 on calibration samples (``select_by="noise"``); with
@@ -109,7 +110,10 @@ class FixSearch:
             rest = sorted((u for u in ranked if u not in chosen), key=lambda u: (trial[u.name], u.name))
             if chosen:  # the most promising units again, given those kept already: gains interact
                 trial = {**trial, **{u.name: self.loss([*chosen, u]) for u in rest[:RETRY]}}
-                rest = rest[:RETRY]
+                if min((trial[u.name] for u in rest[:RETRY]), default=loss) >= loss:  # none helps: all of them
+                    trial = {**trial, **{u.name: self.loss([*chosen, u]) for u in rest[RETRY:]}}
+                else:
+                    rest = rest[:RETRY]  # only freshly measured units compete
             best = min(rest, key=lambda u: (trial[u.name], u.name), default=None)
             if best is None or trial[best.name] >= loss:
                 break  # no unit lowers the loss further
