@@ -122,6 +122,7 @@ GRID_PLACES = {
 # a command line that gets each command past click's own checks (required options)
 COMMAND_ARGS = {
     "quantize": lambda tmp: ["--use-case", "ic", "--data-dir", tmp / "empty", "--out", tmp / "out"],
+    "analyze": lambda tmp: ["--use-case", "ic", "--data-dir", tmp / "empty", "--out", tmp / "out"],
     "train": lambda tmp: ["--use-case", "kws", "--data-dir", tmp / "empty"],
     "ablate": lambda tmp: ["--grid", write_grid(tmp, base_grid()), "--out", tmp / "out", "--dry-run"],
 }
