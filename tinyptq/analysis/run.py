@@ -132,7 +132,7 @@ def analyze(
         "histograms": hists,
         "stages": stages,
         "fix": fix,
-        "notes": _notes(run, state) + _fix_notes(fix),
+        "notes": _notes(run, state, quantized_metric) + _fix_notes(fix),
     }
     if out is not None:
         from tinyptq.analysis.render import write_reports
@@ -193,7 +193,7 @@ def _fix_notes(fix: dict[str, Any]) -> list[str]:
     return []
 
 
-def _notes(run: Any, state: PTQState) -> list[str]:
+def _notes(run: Any, state: PTQState, quantized: Any) -> list[str]:
     notes = []
     if run.config.target != "qdq":
         notes.append(f"the pipeline's target is {run.config.target}: this analysis runs the QDQ simulation; "
@@ -201,7 +201,6 @@ def _notes(run: Any, state: PTQState) -> list[str]:
     if any(s.name == "mixed_precision" for s in run.stages.stages):
         notes.append("the pipeline chooses bit-widths with mixed_precision, whose overrides come after the "
                      "pipeline's own: a pasted override block is overruled where the allocation sets bits")
-    quantized = _quantized_metric(run)
     if quantized.name != run.fp32.name:
         notes.append(f"the quantized models are measured by {quantized.name}, the FP32 model by {run.fp32.name} "
                      f"({run.fp32.value:.4g} {run.fp32.unit}): there is no loss in one metric, the fix uses output noise")
