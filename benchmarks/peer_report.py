@@ -65,7 +65,8 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     """The headline table, then a table per use case (a row per tool and method, a column per setting)."""
     versions = ", ".join(f"{TOOL_NAMES[t]} {v}" for t, v in stamp["versions"].items())
     out = [
-        f"Run {stamp['date']} on {stamp['cores']} cores, Python {stamp['python']}; {versions}.",
+        f"Run {stamp['date']} on {stamp['cores']} cores ({stamp.get('jobs', 1)} runs at a time, each pinned to "
+        f"one core), Python {stamp['python']}; {versions}.",
         f"Every tool got the same float model, the same {stamp['calib_samples']} calibration samples "
         f"(seed {stamp['seed']}) and the same evaluation inputs. Shared inputs: {stamp['prepare_seconds']:.0f} s; "
         f"all runs: {stamp['run_seconds'] / 60:.1f} min.",

@@ -31,6 +31,8 @@ tool without a setting answers so, and the table says why. Weight rounding
 runs below 8 weight bits only; the label-free use cases (kws-mlperf, vww) run
 the fast methods at W4A8 only.
 
+Two runs go at a time (``--jobs``), each pinned to its own core with its
+libraries told to use one thread, so every tool's time is a one-core time.
 Rows are appended to ``<out>/peers.jsonl`` as they finish; a rerun skips the
 rows already there (delete the file, or pass ``--fresh``, to start over).
 Usage::
@@ -44,9 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +73,7 @@ SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W4A4": (4, 4), "mix
 LABELLED = ("ic", "kws")
 LABEL_FREE = ("kws-mlperf", "vww")
 LABEL_FREE_SETTINGS = ("W4A8",)
+SLOW = {"adaround", "gptq", "mixed", "brecq_qdrop"}
 
 #: tool -> (virtual environment under PEERS_DIR, or None for this Python; driver; distribution for the version)
 TOOLS = {
@@ -115,18 +121,25 @@ def version_of(tool: str, python: Path) -> str:
     return out.stdout.strip() or "unknown"
 
 
-def run_job(python: Path, tool: str, job: dict, timeout: float) -> dict:
-    """Run one driver in its own process; its answer (with its peak memory) plus the wall time."""
+def run_job(python: Path, tool: str, job: dict, timeout: float, cpu: int | None = None) -> dict:
+    """Run one driver in its own process; its answer (with its peak memory) plus the wall time.
+
+    ``cpu``: the one core the process may use (its libraries then size their
+    thread pools to one core); None lets it use them all.
+    """
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("result.json", "scores.npy"):
         (out / stale).unlink(missing_ok=True)
     (out / "job.json").write_text(json.dumps(job, indent=2))
     env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": "0"}
+    if cpu is not None:
+        env.update({k: "1" for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")})
     start = time.perf_counter()
     with (out / "log.txt").open("w") as log:
+        pin = ["taskset", "--cpu-list", str(cpu)] if cpu is not None else []
         proc = subprocess.Popen(
-            [str(python), str(DRIVERS / TOOLS[tool][1]), str(out / "job.json")],
+            [*pin, str(python), str(DRIVERS / TOOLS[tool][1]), str(out / "job.json")],
             stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
         )
         try:
@@ -178,6 +191,10 @@ def main() -> None:
     parser.add_argument("--peers-dir", default=str(PEERS_DIR), help="where peers_setup.sh put the environments")
     parser.add_argument("--work", default=None, help="shared inputs and per-run folders (default: <peers-dir>/work)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1),
+        help="runs at a time, each pinned to its own core (1: one run at a time on every core)",
+    )
     parser.add_argument("--fresh", action="store_true", help="forget the rows of an earlier run")
     args = parser.parse_args()
     for flag, given, valid in (("--tools", args.tools, TOOLS), ("--settings", args.settings, SETTINGS)):
@@ -205,9 +222,14 @@ def main() -> None:
         metas[name] = prepare(name, args.data_dir, work, args.calib_samples, args.seed)
     prep_seconds = time.perf_counter() - started
     jobs = [j for j in plan(use_cases, tools, args.settings.split(",")) if j not in done]
-    bar = tqdm(jobs, desc="runs")
-    for uc, setting, tool, method in bar:
-        bar.set_postfix_str(f"{uc} {setting} {tool} {method}")
+    jobs.sort(key=lambda j: j[3] not in SLOW)  # the long runs first: the two cores finish together
+    lock = threading.Lock()
+    cpus = sorted(os.sched_getaffinity(0))[: args.jobs] if args.jobs > 1 else [None]
+    free = queue.SimpleQueue()
+    for cpu in cpus:
+        free.put(cpu)
+
+    def one(uc: str, setting: str, tool: str, method: str) -> None:
         folder = work / uc
         w, a = SETTINGS[setting]
         row = {"use_case": uc, "setting": setting, "tool": tool, "method": method, "weight_bits": w, "act_bits": a}
@@ -222,16 +244,28 @@ def main() -> None:
                 "calib": str(folder / "calib.npy"), "eval_x": str(folder / "eval_x.npy"),
                 "out": str(folder / "runs" / f"{setting}-{tool}-{method}"),
             }
-            row.update(run_job(pythons[tool], tool, job, args.timeout))
+            cpu = free.get()
+            try:
+                row.update(run_job(pythons[tool], tool, job, args.timeout, cpu))
+            finally:
+                free.put(cpu)
+            row["cpu"] = "all" if cpu is None else f"core {cpu}"
             if row["status"] == "ok":
                 row["value"] = score(metas[uc], folder, np.load(Path(job["out"]) / "scores.npy"))
         row.update(metric=metas[uc]["metric"], fp32=metas[uc]["fp32"])
-        rows.append(row)
-        with log.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        with lock:
+            rows.append(row)
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    with ThreadPoolExecutor(max_workers=len(cpus)) as pool:
+        futures = [pool.submit(one, *j) for j in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
+            future.result()
     stamp = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cores": os.cpu_count(),
+        "jobs": len(cpus),
         "python": sys.version.split()[0],
         "versions": versions,
         "calib_samples": args.calib_samples,

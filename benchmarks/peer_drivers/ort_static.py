@@ -11,6 +11,7 @@ run by onnxruntime on the CPU, as deployed.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def run(job: Job) -> None:
         job.unsupported(f"quantize_static refused: {str(exc).splitlines()[0][:160]}")
     job.stop()
     try:
-        session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = len(os.sched_getaffinity(0))  # the cores this run was given
+        session = ort.InferenceSession(str(quantized), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime cannot load what its quantizer wrote
         job.unsupported(f"onnxruntime cannot run the quantized model: {str(exc).splitlines()[0][:160]}")
     scores = batched(lambda x: session.run(None, {input_name: x})[0], job.eval_inputs())
