@@ -66,7 +66,8 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     versions = ", ".join(f"{TOOL_NAMES[t]} {v}" for t, v in stamp["versions"].items())
     out = [
         f"Run {stamp['date']} on {stamp['cores']} cores ({stamp.get('jobs', 1)} runs at a time, each pinned to "
-        f"one core), Python {stamp['python']}; {versions}.",
+        f"one core; load average {stamp['load_average'][0]} at the start, {stamp['load_average'][1]} at the end), "
+        f"Python {stamp['python']}; {versions}.",
         f"Every tool got the same float model, the same {stamp['calib_samples']} calibration samples "
         f"(seed {stamp['seed']}) and the same evaluation inputs. Shared inputs: {stamp['prepare_seconds']:.0f} s; "
         f"all runs: {stamp['run_seconds'] / 60:.1f} min.",
@@ -117,6 +118,17 @@ def markdown(rows: list[dict], stamp: dict) -> str:
                 )
         out += [f"- {text} ({', '.join(s)})" for text, s in reasons.items()]
         out.append("")
+    out += ["**Time per tool** (sum of its runs' wall times, each on one core, process start and evaluation "
+            "included):", ""]
+    out += ["| tool | runs | unsupported | failed | wall time |", "|---|---|---|---|---|"]
+    for tool in TOOL_ORDER:
+        mine = [r for r in rows if r["tool"] == tool]
+        if mine:
+            wall = sum(r.get("wall_seconds", 0.0) for r in mine)
+            count = {k: sum(r["status"] == k for r in mine) for k in ("ok", "unsupported")}
+            failed = len(mine) - count["ok"] - count["unsupported"]
+            out.append(f"| {TOOL_NAMES[tool]} | {count['ok']} | {count['unsupported']} | {failed} | {wall / 60:.1f} min |")
+    out.append("")
     out.append(
         "Cells: metric (the tool's PTQ time on these cores, peak resident memory of its process). "
         "Best of a column in bold. Every layer and the model input at the setting's bits; "
@@ -159,6 +171,16 @@ def plot(rows: list[dict], stamp: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def readme_block(rows: list[dict], stamp: dict) -> str:
+    """What the README shows: the stamp and the headline table (the full tables stay in peers.md)."""
+    text = markdown(rows, stamp)
+    return text.split("\n### ", 1)[0].rstrip() + (
+        "\n\nEvery tool and method, per use case, with the reasons where a tool has no such setting: "
+        "[benchmarks/results/peers.md](benchmarks/results/peers.md).\n\n"
+        "![best metric per tool against the bit setting](benchmarks/results/peers.png)\n"
+    )
 
 
 def write_reports(rows: list[dict], stamp: dict, out: Path) -> str:

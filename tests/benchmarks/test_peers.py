@@ -123,8 +123,19 @@ def test_headline_compares_the_best_of_each_side_and_times_the_closest_peer():
     assert (h["setting"], h["tinyptq"], h["peer"]) == ("W4A8", "adaround", "mct gptq")
     assert h["difference"] == pytest.approx(-1.5)
     assert h["closest"] == "aimet adaround" and h["time_ratio"] == pytest.approx(2.0)
-    stamp = {"date": "d", "cores": 2, "python": "3.11", "versions": {"tinyptq": "0"}, "calib_samples": 8,
+    stamp = {"date": "d", "cores": 2, "jobs": 2, "load_average": [0.1, 0.2], "python": "3.11", "versions": {"tinyptq": "0"}, "calib_samples": 8,
              "seed": 0, "prepare_seconds": 1, "run_seconds": 60,
              "use_cases": {"ic": {"fp32": 88.8, "metric": "accuracy", "eval_samples": 5, "eval_source": "x"}}}
     text = peer_report.markdown(rows, stamp)
     assert "**-1.50**" in text and "| onnxruntime quantize_static | minmax | 85.00 (3 s, 100 MB) | n/a |" in text
+
+
+def test_readme_block_replaces_only_between_its_markers(tmp_path):
+    import readme_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- peers:start -->\nold\n<!-- peers:end -->\nbottom\n")
+    assert readme_block.replace_block("peers", "new table\n", readme)
+    assert readme.read_text() == "top\n<!-- peers:start -->\nnew table\n<!-- peers:end -->\nbottom\n"
+    assert not readme_block.replace_block("speed", "x", readme)  # no markers: untouched
+    assert "x" not in readme.read_text()
