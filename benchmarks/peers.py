@@ -137,7 +137,11 @@ def run_job(python: Path, tool: str, job: dict, timeout: float, cpu: int | None 
     for stale in ("result.json", "scores.npy"):
         (out / stale).unlink(missing_ok=True)
     (out / "job.json").write_text(json.dumps(job, indent=2))
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": "0"}
+    # tf_keras is ours: a peer's own TensorFlow (MCT's) has its own Keras
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    if TOOLS[tool][0] is None:
+        env["TF_USE_LEGACY_KERAS"] = "1"
     if cpu is not None:
         env.update({k: "1" for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")})
     start = time.perf_counter()
@@ -213,9 +217,10 @@ def main() -> None:
     log = out / "peers.jsonl"
     if args.fresh:
         log.unlink(missing_ok=True)
-    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.exists() else []
-    done = {(r["use_case"], r["setting"], r["tool"], r["method"]) for r in rows if r["status"] in ("ok", "unsupported")}
-    rows = [r for r in rows if (r["use_case"], r["setting"], r["tool"], r["method"]) in done]
+    earlier = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.exists() else []
+    # per run, the latest answer; failed runs are run again
+    latest = {(r["use_case"], r["setting"], r["tool"], r["method"]): r for r in earlier if r["status"] in ("ok", "unsupported")}
+    done, rows = set(latest), list(latest.values())
 
     tools = args.tools.split(",")
     pythons = {t: python_of(t, peers_dir) for t in tools}
