@@ -7,6 +7,7 @@ from pathlib import Path
 
 TOOL_ORDER = ("tinyptq", "onnxruntime", "tflite", "aimet", "mct")
 SETTING_ORDER = ("W8A8", "W4A8", "W3A8", "W4A4", "mixed")
+COLORS = {"tinyptq": "k", "onnxruntime": "tab:blue", "tflite": "tab:orange", "aimet": "tab:green", "mct": "tab:red"}
 TOOL_NAMES = {
     "tinyptq": "tinyptq",
     "onnxruntime": "onnxruntime quantize_static",
@@ -52,6 +53,21 @@ def headline(rows: list[dict]) -> list[dict]:
     return lines
 
 
+def _parts(stamp: dict) -> list[str]:
+    """How long each invocation of peers.py took (a rerun adds only the runs missing or failed before)."""
+    parts = stamp.get("parts") or []
+    if not parts:
+        return []
+    lines = ["The runs, as they were made (wall time of each invocation, load average at its start and end):", ""]
+    for p in sorted(parts, key=lambda p: p["date"]):
+        tools = ", ".join(TOOL_NAMES.get(t, t) for t in p["tools"])
+        lines.append(
+            f"- {p['date']}: {p['runs']} runs of {tools} in {p['run_seconds'] / 60:.1f} min "
+            f"(load {p['load_average'][0]} → {p['load_average'][1]})"
+        )
+    return [*lines, ""]
+
+
 def _cell(row: dict | None) -> str:
     if row is None:
         return ""
@@ -65,13 +81,11 @@ def markdown(rows: list[dict], stamp: dict) -> str:
     """The headline table, then a table per use case (a row per tool and method, a column per setting)."""
     versions = ", ".join(f"{TOOL_NAMES[t]} {v}" for t, v in stamp["versions"].items())
     out = [
-        f"Run {stamp['date']} on {stamp['cores']} cores ({stamp.get('jobs', 1)} runs at a time, each pinned to "
-        f"one core; load average {stamp['load_average'][0]} at the start, {stamp['load_average'][1]} at the end), "
-        f"Python {stamp['python']}; {versions}.",
-        f"Every tool got the same float model, the same {stamp['calib_samples']} calibration samples "
-        f"(seed {stamp['seed']}) and the same evaluation inputs. Shared inputs: {stamp['prepare_seconds']:.0f} s; "
-        f"all runs: {stamp['run_seconds'] / 60:.1f} min.",
+        f"Run on {stamp['cores']} cores ({stamp.get('jobs', 1)} runs at a time, each pinned to one core), "
+        f"Python {stamp['python']}; {versions}. Every tool got the same float model, the same "
+        f"{stamp['calib_samples']} calibration samples (seed {stamp['seed']}) and the same evaluation inputs.",
         "",
+        *_parts(stamp),
         "**Headline**: tinyptq's best against the best peer at each setting, and tinyptq's PTQ time "
         "relative to the peer whose accuracy is closest to tinyptq's best.",
         "",
@@ -161,7 +175,7 @@ def plot(rows: list[dict], stamp: dict, path: Path) -> None:
                 if values:
                     pts.append((i, max(values)))
             if pts:
-                style = {"lw": 2.5, "color": "k"} if tool == "tinyptq" else {"lw": 1.2}
+                style = {"lw": 2.5 if tool == "tinyptq" else 1.2, "color": COLORS[tool]}
                 ax.plot(*zip(*pts, strict=True), marker="o", label=TOOL_NAMES[tool], **style)
         meta = stamp["use_cases"][uc]
         ax.axhline(meta["fp32"], color="grey", ls="--", lw=0.8, label="FP32")

@@ -27,9 +27,9 @@ calls):
 Settings: W8A8, W4A8, W3A8 and W4A4 with every layer and the model input at
 those bits, plus "mixed": weight bits chosen per layer (2, 4 or 8) under the
 weight memory of the tool's own uniform W4 model, activations at 8 bits. A
-tool without a setting answers so, and the table says why. Weight rounding
-runs below 8 weight bits only (MCT's gradient-based PTQ at W4A8 only: about
-five minutes a run); the label-free use cases (kws-mlperf by default, vww on
+tool without a setting answers so, and the table says why. AdaRound (tinyptq's
+and AIMET's) runs at every setting, MCT's gradient-based PTQ at W4A8 only
+(about five minutes a run); the label-free use cases (kws-mlperf by default, vww on
 request) run the fast methods at W4A8 only.
 
 Two runs go at a time (``--jobs``), each pinned to its own core with its
@@ -90,8 +90,8 @@ TOOLS = {
 def methods(tool: str, setting: str, label_free: bool) -> list[str]:
     """The methods of ``tool`` run at ``setting`` (unsupported ones run too, and answer so).
 
-    Weight rounding (AdaRound, gradient-based PTQ) runs below 8 weight bits only,
-    and not on the label-free use cases, which get the fast methods.
+    Weight rounding (AdaRound, gradient-based PTQ) does not run on the label-free
+    use cases, which get the fast methods.
     """
     if setting == "mixed":
         return ["mixed"] if tool in ("tinyptq", "mct") else []
@@ -102,7 +102,7 @@ def methods(tool: str, setting: str, label_free: bool) -> list[str]:
         "aimet": ["minmax", "sqnr"],
         "mct": ["ptq"],
     }[tool]
-    if label_free or SETTINGS[setting][0] == 8:
+    if label_free:
         return fast
     slow = {"tinyptq": ["adaround"], "aimet": ["adaround"]}
     if setting == "W4A8":  # MCT's GPTQ: ~5 min a run, and below its own PTQ at W4A8 (see the note in peers.md)
@@ -217,6 +217,7 @@ def main() -> None:
     log = out / "peers.jsonl"
     if args.fresh:
         log.unlink(missing_ok=True)
+        (out / "peers_parts.jsonl").unlink(missing_ok=True)
     earlier = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()] if log.exists() else []
     # per run, the latest answer; failed runs are run again
     latest = {(r["use_case"], r["setting"], r["tool"], r["method"]): r for r in earlier if r["status"] in ("ok", "unsupported")}
@@ -286,6 +287,13 @@ def main() -> None:
         "run_seconds": round(time.perf_counter() - started - prep_seconds, 1),
         "use_cases": metas,
     }
+    part = {k: v for k, v in stamp.items() if k in ("date", "load_average", "run_seconds")}
+    part.update(tools=tools, runs=len(jobs))
+    if jobs:  # a run that only rewrites the report is no part
+        with (out / "peers_parts.jsonl").open("a") as fh:
+            fh.write(json.dumps(part) + "\n")
+    parts_log = out / "peers_parts.jsonl"
+    stamp["parts"] = [json.loads(ln) for ln in parts_log.read_text().splitlines() if ln.strip()] if parts_log.exists() else []
     print(write_reports(rows, stamp, out))
     if Path(args.out).resolve() == RESULTS.resolve() and replace_block("peers", readme_block(rows, stamp)):
         print("README.md: the peers block now shows this run")

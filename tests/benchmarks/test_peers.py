@@ -18,10 +18,11 @@ import peer_report  # noqa: E402
 import peers  # noqa: E402
 
 
-def test_plan_runs_rounding_below_8_bits_and_fast_methods_on_label_free_cases():
+def test_plan_runs_adaround_everywhere_gptq_at_w4a8_and_fast_methods_on_label_free_cases():
     jobs = peers.plan(["ic", "vww"], list(peers.TOOLS), list(peers.SETTINGS))
     ic = {(s, t, m) for uc, s, t, m in jobs if uc == "ic"}
-    assert ("W4A8", "aimet", "adaround") in ic and ("W8A8", "aimet", "adaround") not in ic
+    assert ("W4A8", "aimet", "adaround") in ic and ("W8A8", "aimet", "adaround") in ic
+    assert {s for s, t, m in ic if (t, m) == ("mct", "gptq")} == {"W4A8"}
     assert ("W3A8", "tinyptq", "adaround") in ic and ("W3A8", "onnxruntime", "minmax") in ic
     assert {t for s, t, m in ic if s == "mixed"} == {"tinyptq", "mct"}
     vww = {(s, t, m) for uc, s, t, m in jobs if uc == "vww"}
@@ -123,7 +124,7 @@ def test_headline_compares_the_best_of_each_side_and_times_the_closest_peer():
     assert (h["setting"], h["tinyptq"], h["peer"]) == ("W4A8", "adaround", "mct gptq")
     assert h["difference"] == pytest.approx(-1.5)
     assert h["closest"] == "aimet adaround" and h["time_ratio"] == pytest.approx(2.0)
-    stamp = {"date": "d", "cores": 2, "jobs": 2, "load_average": [0.1, 0.2], "python": "3.11", "versions": {"tinyptq": "0"}, "calib_samples": 8,
+    stamp = {"date": "d", "cores": 2, "jobs": 2, "load_average": [0.1, 0.2], "parts": [], "python": "3.11", "versions": {"tinyptq": "0"}, "calib_samples": 8,
              "seed": 0, "prepare_seconds": 1, "run_seconds": 60,
              "use_cases": {"ic": {"fp32": 88.8, "metric": "accuracy", "eval_samples": 5, "eval_source": "x"}}}
     text = peer_report.markdown(rows, stamp)
