@@ -191,7 +191,9 @@ def plan(use_cases: list[str], tools: list[str], settings: list[str]) -> list[tu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("TINYPTQ_DATA_DIR"))
-    parser.add_argument("--use-cases", default="ic,kws,kws-mlperf", help="also: vww (label-free, ~10 min more)")
+    parser.add_argument(
+        "--use-cases", default=",".join((*LABELLED, LABEL_FREE[0])), help="also: vww (label-free, ~10 min more)"
+    )
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--calib-samples", type=int, default=512)
