@@ -75,7 +75,7 @@ SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W4A4": (4, 4), "mix
 LABELLED = ("ic", "kws")
 LABEL_FREE = ("kws-mlperf", "vww")
 LABEL_FREE_SETTINGS = ("W4A8",)
-SLOW = {"adaround", "gptq", "mixed", "brecq_qdrop"}
+SLOW = {"adaround", "adaround_a4", "gptq", "mixed", "brecq_qdrop"}
 
 #: tool -> (virtual environment under PEERS_DIR, or None for this Python; driver; distribution for the version)
 TOOLS = {
@@ -105,6 +105,8 @@ def methods(tool: str, setting: str, label_free: bool) -> list[str]:
     if label_free:
         return fast
     slow = {"tinyptq": ["adaround"], "aimet": ["adaround"]}
+    if SETTINGS[setting][1] < 8:  # tinyptq's recipe for low-bit activations
+        slow["tinyptq"] = ["adaround", "adaround_a4"]
     if setting == "W4A8":  # MCT's GPTQ: ~5 min a run, and below its own PTQ at W4A8 (see the note in peers.md)
         slow["mct"] = ["gptq"]
     return fast + slow.get(tool, [])

@@ -8,5 +8,6 @@ from tinyptq.components import (
     cle,  # noqa: F401
     gptq,  # noqa: F401
     mixed_precision,  # noqa: F401
+    output_range_search,  # noqa: F401
     range_setting,  # noqa: F401
 )

@@ -2,7 +2,7 @@
 
 Methods:
 
-- ``minmax``, ``gptq``, ``adaround``, ``brecq_qdrop``: the built-in pipelines
+- ``minmax``, ``gptq``, ``adaround``, ``adaround_a4``, ``brecq_qdrop``: the built-in pipelines
   of those names (``tinyptq/pipelines/*.yaml``) at the job's bits, with every
   layer and the model input at those bits;
 - ``mixed``: BN folding, CLE, mixed precision under a weight-memory budget equal
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _job import Job, main  # noqa: E402
 
-BUILT_IN = ("minmax", "gptq", "adaround", "brecq_qdrop")
+BUILT_IN = ("minmax", "gptq", "adaround", "adaround_a4", "brecq_qdrop")
 
 
 def mixed_recipe(job: Job, weight_kb: float) -> dict:
