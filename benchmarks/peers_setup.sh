@@ -10,6 +10,9 @@ set -euo pipefail
 dir="${1:-${TINYPTQ_PEERS_DIR:-$HOME/.cache/tinyptq/peers}}"
 python="${PYTHON:-python3}"
 mkdir -p "$dir"
+# tinyptq's own switch to Keras 2 (tf_keras) would break MCT's TensorFlow 2.15,
+# which has no tf_keras: the peers' environments run without it
+unset TF_USE_LEGACY_KERAS
 
 make_env() {  # name, module to import, packages...
   local name="$1" module="$2"; shift 2
