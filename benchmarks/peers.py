@@ -210,6 +210,8 @@ def main() -> None:
     )
     parser.add_argument("--fresh", action="store_true", help="forget the rows of an earlier run")
     args = parser.parse_args()
+    if args.data_dir:  # tinyptq's driver evaluates through its use case, in a process of its own
+        os.environ["TINYPTQ_DATA_DIR"] = str(Path(args.data_dir).resolve())
     for flag, given, valid in (("--tools", args.tools, TOOLS), ("--settings", args.settings, SETTINGS)):
         unknown = [x for x in given.split(",") if x not in valid]
         if unknown:
