@@ -51,6 +51,7 @@ PLAN = [
     ("bn_folding", {}, None),
     ("cle", {}, "bn_folding"),
     ("range_setting", {"weights": "mse", "activations": "mse"}, "cle"),
+    ("output_range_search", {}, "range_setting"),
     ("adaround", {}, "range_setting"),
     ("bias_correction", {"method": "empirical"}, "adaround"),
     ("brecq", {}, "range_setting"),
