@@ -53,13 +53,6 @@ def grid_spec(enc: Encoding) -> QuantSpec:
     )
 
 
-def candidate_ends(observed: float, n: int) -> list[float]:
-    """``n`` fractions of an observed extreme, nearest zero first; none when it is 0 (the end stays at 0)."""
-    if observed == 0.0:
-        return []
-    return [observed * k / n for k in range(1, n + 1)]
-
-
 @register
 class OutputRangeSearch(Stage):
     """Set activation ranges on the model-output error (label-free)."""
@@ -98,9 +91,13 @@ class OutputRangeSearch(Stage):
         x = np.asarray(state.calib[: self.samples], np.float32)
         held_out = np.asarray(state.calib[self.samples : 2 * self.samples], np.float32)
         sim = QuantSim(state)
-        search_loss = self._output_error(sim, state, x)
-        check_loss = self._output_error(sim, state, held_out) if len(held_out) else None
-        observed = self._observed_ranges(state, names, x)
+        reference, observed = self._float_pass(state, names, x)
+        search_loss = self._output_error(sim, x, reference)
+        check_loss = None
+        if len(held_out):
+            check_loss = self._output_error(
+                sim, held_out, state.graph.predict(held_out, self.batch_size)
+            )
         lines, before_after, dropped = [], {}, []
         bar = tqdm(total=len(names), desc=self.name, unit="tensor", file=sys.stderr, leave=False)
         try:
@@ -139,10 +136,10 @@ class OutputRangeSearch(Stage):
         return state
 
     def _output_error(
-        self, sim: QuantSim, state: PTQState, x: np.ndarray
+        self, sim: QuantSim, x: np.ndarray, reference: np.ndarray
     ) -> Callable[[str, Encoding], float]:
-        """``(point, encoding) -> `` mean squared error of the model output on ``x`` with that point so quantized."""
-        reference = np.asarray(state.graph.predict(x, self.batch_size), np.float64)
+        """``(point, encoding) ->`` mean squared error of the output on ``x`` against ``reference``, that point so quantized."""
+        reference = np.asarray(reference, np.float64)
 
         def loss(name: str, enc: Encoding) -> float:
             sim.set_encoding(name, enc)
@@ -160,18 +157,23 @@ class OutputRangeSearch(Stage):
         ]
         return [name for name in points if not state.act_encodings[name].per_channel]
 
-    def _observed_ranges(
+    def _float_pass(
         self, state: PTQState, names: list[str], x: np.ndarray
-    ) -> dict[str, tuple[float, float]]:
-        """Float min and max of each point on the samples (0 included, as every grid holds it)."""
+    ) -> tuple[np.ndarray, dict[str, tuple[float, float]]]:
+        """The float model's first output on ``x``, and each point's float min and max (0 included).
+
+        One pass, streamed in batches: only the output and the running extremes are kept.
+        """
+        output = state.graph.output_names[0]
         lo = {name: 0.0 for name in names}
         hi = {name: 0.0 for name in names}
-        if names:
-            for batch in state.graph.iterate(x, names, self.batch_size):
-                for name in names:
-                    lo[name] = min(lo[name], float(np.min(batch[name])))
-                    hi[name] = max(hi[name], float(np.max(batch[name])))
-        return {name: (lo[name], hi[name]) for name in names}
+        parts = []
+        for batch in state.graph.iterate(x, list(dict.fromkeys([*names, output])), self.batch_size):
+            parts.append(batch[output])
+            for name in names:
+                lo[name] = min(lo[name], float(np.min(batch[name])))
+                hi[name] = max(hi[name], float(np.max(batch[name])))
+        return np.concatenate(parts), {name: (lo[name], hi[name]) for name in names}
 
     def _search(
         self, start: Encoding, low: float, high: float, loss: Callable[[Encoding], float]
@@ -183,13 +185,10 @@ class OutputRangeSearch(Stage):
         lo, hi = float(start.min.item()), float(start.max.item())
         # both ends scaled together (the magnitude alone on a symmetric grid), then each end
         # on its own: a joint move gets out of a start where no single end helps
-        shrink = [k / self.num_candidates for k in range(1, self.num_candidates + 1)]
-        axes = [("both", shrink)]
+        fractions = [k / self.num_candidates for k in range(1, self.num_candidates + 1)]
+        axes = [("both", fractions)]
         if not spec.symmetric and low < 0 < high:
-            axes += [
-                ("lo", candidate_ends(low, self.num_candidates)),
-                ("hi", candidate_ends(high, self.num_candidates)),
-            ]
+            axes += [("lo", [low * f for f in fractions]), ("hi", [high * f for f in fractions])]
         for _ in range(self.rounds):
             improved = False
             for end, values in axes:
